@@ -1,0 +1,782 @@
+r"""The maths of Kintsugi optimization as plain functions (SPEC §2).
+
+Three pieces, each used by every level of the package:
+
+* :func:`fracture` — the *fracture signal* l: a pathway's local error, here the gradient
+  magnitude of a parameter reduced to its pathway (element, row or tensor), §2.1.
+* :func:`gild` — the one shared *gilding* kernel: ϕ rises with l, damped by γ, tempered by the
+  L1 force λ, kept positive, optionally normalised to mean 1, §2.2. The Sculptor, the Gilder,
+  the VWPR wrapper and :class:`~kintsugi_optim.GildedLoss` all go through it.
+* :func:`sculpt` — one step of the *Sculptor*: the base rule's descent step (SGD, Adam or AdamW
+  exactly as ``torch.optim`` computes it) scaled per pathway by ϕ, then ϕ gilded with the
+  fracture of the same gradient, §2.3.
+
+Like ``torch/optim/adam.py``, each has a single-tensor implementation (the readable reference),
+a ``_multi_tensor_`` one built from ``torch._foreach_*`` ops (no host sync, so it runs unchanged
+on CUDA), and :func:`sculpt` also dispatches to a fused kernel (:mod:`kintsugi_optim._fused`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.optimizer import (
+    _default_to_fused_or_foreach,
+    _disable_dynamo_if_unsupported,
+    _get_capturable_supported_devices,
+    _get_value,
+    _stack_if_compiling,
+    Optimizer,
+)
+
+try:  # torch >= 2.6
+    from torch.optim.optimizer import _to_scalar
+except ImportError:  # pragma: no cover - older torch
+
+    def _to_scalar(x):
+        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
+
+
+__all__ = [
+    "fracture", "gild", "gild_pathways", "gilder_step", "new_phi", "phi_dtype", "phi_shape",
+    "relative_fracture_", "sculpt", "softplus_inverse",
+]
+
+BASES = ("sgd", "adam", "adamw")
+PATHWAYS = ("element", "row", "tensor")
+FRACTURES = ("relative", "abs")
+PHI_NORMS = ("mean", None)
+ASCENTS = ("additive", "multiplicative")
+POSITIVITIES = ("clamp", "softplus")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and dtypes of ϕ
+# ---------------------------------------------------------------------------------------------
+
+
+def phi_shape(param: Tensor, pathway: str) -> torch.Size:
+    """Shape of the gilding weight ϕ of ``param`` for ``pathway``.
+
+    element: the shape of ``param`` (of its real view for complex parameters, so every real
+    component is a pathway, as torch's optimizers treat complex numbers); row: ``[param.shape[0]]``
+    (0-d parameters fall back to a single ϕ); tensor: ``[]``.
+    """
+    if param.is_complex():
+        param = torch.view_as_real(param)
+    if pathway == "element":
+        return param.shape
+    if pathway == "row" and param.dim() > 0:
+        return param.shape[:1]
+    return torch.Size([])
+
+
+def phi_dtype(param: Tensor) -> torch.dtype:
+    """dtype ϕ is kept in: float32 for bf16/fp16 parameters (a bf16 ϕ near 1 cannot register
+    a 0.01 increment), the parameter's real dtype otherwise."""
+    if param.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return param.real.dtype if param.is_complex() else param.dtype
+
+
+def new_phi(param: Tensor, pathway: str, value: float) -> Tensor:
+    """A fresh ϕ for ``param``: :func:`phi_shape`, :func:`phi_dtype`, on its device, filled with
+    ``value`` (element ϕ keep the parameter's memory format, as torch's optimizer state does)."""
+    dtype = phi_dtype(param)
+    if pathway == "element":
+        real = torch.view_as_real(param) if param.is_complex() else param
+        return torch.full_like(real, value, dtype=dtype, requires_grad=False)
+    return torch.full(phi_shape(param, pathway), value, dtype=dtype, device=param.device)
+
+
+def softplus_inverse(phi: Tensor) -> Tensor:
+    """The resilience score ρ with softplus(ρ) = ϕ, computed stably: log(expm1(ϕ)) =
+    ϕ + log(−expm1(−ϕ)) neither overflows for large ϕ nor loses precision for small ϕ."""
+    return phi + torch.log(-torch.expm1(-phi))
+
+
+def _like_param(real_view: Tensor, param: Tensor) -> Tensor:
+    """State created from a real view is stored complex when its parameter is complex."""
+    return torch.view_as_complex(real_view) if param.is_complex() else real_view
+
+
+def _broadcast(phi: Tensor, param: Tensor) -> Tensor:
+    # A row ϕ of shape [rows] scales every element of its row; trailing singleton dims make it
+    # broadcast. Element ϕ already has the parameter's shape and a tensor ϕ is 0-d.
+    if phi.dim() == 0 or phi.dim() == param.dim():
+        return phi
+    return phi.view(phi.shape + (1,) * (param.dim() - phi.dim()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fracture (§2.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Tensor:
+    """Raw fracture signal of one parameter: |grad| reduced to ``pathway``.
+
+    Args:
+        grad: gradient (already negated under ``maximize``; before any weight decay). Complex
+            gradients are taken as their real view.
+        pathway: "element" (shape of grad), "row" (``[grad.shape[0]]``, mean over the rest of the
+            row; 0-d falls back to a single value) or "tensor" (0-d mean).
+        dtype: dtype of the result (ϕ's dtype); defaults to grad's real dtype.
+
+    Returns:
+        A new tensor of ``phi_shape(grad, pathway)``. The scale-free ``fracture="relative"``
+        variant divides it by its mean over the scope (see :func:`relative_fracture_`).
+    """
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
+    a = grad.abs()
+    if dtype is not None:
+        a = a.to(dtype)
+    if pathway == "element":
+        return a
+    if pathway == "row" and a.dim() > 0:
+        return a.reshape(a.shape[0], -1).mean(1)
+    return a.mean()
+
+
+def relative_fracture_(fractures: list[Tensor], *, foreach: bool = False) -> None:
+    """Divide each fracture tensor in place by max(mean |l|, tiny) over that tensor.
+
+    This is ``fracture="relative"``: it makes the gilding rate β scale-free, the same for a
+    layer whose gradients are 1e-6 as for one whose gradients are 1. (|l| rather than l keeps a
+    signed Gilder fracture from dividing by a mean cancelled to ~0; for the Sculptor l ≥ 0.)
+    """
+    if not fractures:
+        return
+    if foreach:
+        for (device_fractures,), _ in _grouped([fractures]):
+            means = torch._foreach_norm(device_fractures, 1)
+            torch._foreach_div_(means, [max(f.numel(), 1) for f in device_fractures])
+            torch._foreach_clamp_min_(means, torch.finfo(device_fractures[0].dtype).tiny)
+            torch._foreach_div_(device_fractures, means)
+        return
+    for l in fractures:
+        l.div_(l.abs().mean().clamp_min(torch.finfo(l.dtype).tiny))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gilding (§2.2): the one shared kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def _phi_cap(phi: Tensor, phi_max: float | None, phi_norm: str | None) -> float:
+    finfo = torch.finfo(phi.dtype)
+    cap = finfo.max if phi_max is None else min(phi_max, finfo.max)
+    if phi_norm == "mean":
+        # Capping at max/n keeps Σϕ over the scope finite, so normalising never overflows.
+        cap = min(cap, finfo.max / max(phi.numel(), 1))
+    return cap
+
+
+def gild(
+    phis: list[Tensor],
+    fractures: list[Tensor],
+    rhos: list[Tensor] | None = None,
+    *,
+    beta: float,
+    gamma: float = 0.0,
+    l1: float = 0.0,
+    phi_min: float = 1e-3,
+    phi_max: float | None = None,
+    phi_norm: str | None = None,
+    ascent: str = "additive",
+    positivity: str = "clamp",
+    foreach: bool = False,
+) -> None:
+    r"""Gild each ϕ in place with its fracture signal l (SPEC §2.2).
+
+    .. math::
+        s = l \cdot \max(0, 1 - \gamma\phi), \quad u = s - \lambda \ (\text{non-finite } u \to 0)
+
+        \phi' = \phi + \beta u \ (\text{additive}) \quad\text{or}\quad
+        \phi' = \phi\, e^{\beta u} \ (\text{multiplicative})
+
+    then ``clamp(phi_min, phi_max)`` (or, with ``positivity="softplus"``, ρ' = ρ + βuσ(ρ),
+    ϕ' = softplus(ρ')), and with ``phi_norm="mean"`` rescaled to mean 1 over each tensor.
+
+    Args:
+        phis: gilding weights ϕ, each any shape, positive, floating. Updated in place.
+        fractures: fracture signals l, one per ϕ and of its shape. Used as scratch space:
+            their contents are undefined afterwards.
+        rhos: resilience scores ρ = softplus⁻¹(ϕ), one per ϕ, required with
+            ``positivity="softplus"`` (updated in place), else ignored.
+        beta: gilding rate β ≥ 0. gamma: damping γ ≥ 0 (ϕ stops rising near 1/γ).
+        l1: tempering λ ≥ 0. phi_min, phi_max: bounds (``phi_max=None``: the dtype's largest
+            finite value). phi_norm: "mean" or None. ascent: "additive" or "multiplicative".
+        positivity: "clamp" or "softplus". foreach: use the ``torch._foreach_*`` implementation.
+
+    Whatever the fracture (0, ±1e30, inf, nan), every ϕ stays finite and ≥ the dtype's smallest
+    normal number; ``phi_norm="mean"`` caps ϕ' at ``finfo.max / n`` before normalising so that
+    the sum over the scope cannot overflow.
+    """
+    if not phis:
+        return
+    if positivity == "softplus" and rhos is None:
+        raise ValueError("gild: positivity='softplus' needs the resilience scores rhos")
+    func = _multi_tensor_gild if foreach else _single_tensor_gild
+    func(
+        phis,
+        fractures,
+        rhos if positivity == "softplus" else None,
+        beta=beta,
+        gamma=gamma,
+        l1=l1,
+        phi_min=phi_min,
+        phi_max=phi_max,
+        phi_norm=phi_norm,
+        ascent=ascent,
+    )
+
+
+def _single_tensor_gild(
+    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent
+) -> None:
+    for i, phi in enumerate(phis):
+        u = fractures[i]
+        if gamma != 0:
+            u.mul_((1 - gamma * phi).clamp_(min=0))
+        if l1 != 0:
+            u.sub_(l1)
+        # β multiplies u before it meets ϕ, so β may be a tensor (the Gilder's β·lr) without a
+        # host sync, and β = 0 leaves ϕ bitwise unchanged.
+        u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(beta)
+        if rhos is not None:
+            rho = rhos[i]
+            rho.addcmul_(u, torch.sigmoid(rho))
+            phi.copy_(F.softplus(rho))
+        elif ascent == "additive":
+            phi.add_(u)
+        else:
+            phi.mul_(u.exp_())
+        phi.clamp_(phi_min, _phi_cap(phi, phi_max, phi_norm))
+        if phi_norm == "mean":
+            phi.mul_(phi.numel() / phi.sum())
+            phi.clamp_(min=torch.finfo(phi.dtype).tiny)
+        if rhos is not None:
+            rhos[i].copy_(softplus_inverse(phi))
+
+
+def _zero_nonfinite_(tensors: list[Tensor]) -> None:
+    # torch has no foreach isfinite/where/nan_to_num, and every emulation from foreach ops
+    # (nan survives any arithmetic, so it takes sign, pow and lerp) costs three passes over
+    # memory; one in-place pass per tensor is the cheapest exact way.
+    for t in tensors:
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _foreach_softplus(xs: list[Tensor]) -> list[Tensor]:
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|)): no overflow for large |x|.
+    out = torch._foreach_abs(xs)
+    torch._foreach_neg_(out)
+    torch._foreach_exp_(out)
+    torch._foreach_log1p_(out)
+    torch._foreach_add_(out, torch._foreach_clamp_min(xs, 0.0))
+    return out
+
+
+def _multi_tensor_gild(
+    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent
+) -> None:
+    for (device_phis, u, device_rhos), _ in _grouped([phis, fractures, rhos or []]):
+        if gamma != 0:
+            damping = torch._foreach_mul(device_phis, -gamma)
+            torch._foreach_add_(damping, 1.0)
+            torch._foreach_clamp_min_(damping, 0.0)
+            torch._foreach_mul_(u, damping)
+            del damping
+        if l1 != 0:
+            torch._foreach_sub_(u, l1)
+        _zero_nonfinite_(u)
+        torch._foreach_mul_(u, beta)
+        if rhos:
+            torch._foreach_addcmul_(device_rhos, u, torch._foreach_sigmoid(device_rhos))
+            torch._foreach_copy_(device_phis, _foreach_softplus(device_rhos))
+        elif ascent == "additive":
+            torch._foreach_add_(device_phis, u)
+        else:
+            torch._foreach_exp_(u)
+            torch._foreach_mul_(device_phis, u)
+        del u
+        torch._foreach_clamp_min_(device_phis, phi_min)
+        torch._foreach_clamp_max_(
+            device_phis, [_phi_cap(p, phi_max, phi_norm) for p in device_phis]
+        )
+        if phi_norm == "mean":
+            # ϕ ≥ phi_min > 0, so the L1 norm is the sum.
+            factors = torch._foreach_norm(device_phis, 1)
+            torch._foreach_reciprocal_(factors)
+            torch._foreach_mul_(factors, [float(p.numel()) for p in device_phis])
+            torch._foreach_mul_(device_phis, factors)
+            torch._foreach_clamp_min_(device_phis, torch.finfo(device_phis[0].dtype).tiny)
+        if rhos:
+            neg = torch._foreach_neg(device_phis)
+            torch._foreach_expm1_(neg)
+            torch._foreach_neg_(neg)
+            torch._foreach_log_(neg)
+            torch._foreach_add_(neg, device_phis)
+            torch._foreach_copy_(device_rhos, neg)
+
+
+def _grouped(tensorlists):
+    """Optimizer._group_tensors_by_device_and_dtype, yielding (lists, indices) per group."""
+    return Optimizer._group_tensors_by_device_and_dtype(tensorlists).values()
+
+
+def gild_pathways(
+    phis: list[Tensor],
+    fractures: list[Tensor],
+    rhos: list[Tensor] | None,
+    *,
+    pathway: str,
+    fracture: str,
+    foreach: bool,
+    **options,
+) -> None:
+    """Apply ``fracture`` ("relative"/"abs") and :func:`gild` over the scope of ``pathway``.
+
+    Element and row pathways are scoped per tensor. The tensor pathway has one 0-d ϕ per
+    parameter and is scoped over the whole param group: its ϕ are gilded as one stacked vector.
+    """
+    if not phis:
+        return
+    if pathway == "tensor":
+
+        def stacked(tensors):
+            return [torch.stack([t.to(phis[0]) for t in tensors])]
+
+        scope_phis, scope_fractures = stacked(phis), stacked(fractures)
+        scope_rhos = stacked(rhos) if rhos else None
+        foreach = False
+    else:
+        scope_phis, scope_fractures, scope_rhos = phis, fractures, rhos
+    if fracture == "relative":
+        relative_fracture_(scope_fractures, foreach=foreach)
+    gild(scope_phis, scope_fractures, scope_rhos, foreach=foreach, **options)
+    if pathway == "tensor":
+        for phi, new in zip(phis, scope_phis[0].unbind()):
+            phi.copy_(new)
+        for rho, new in zip(rhos or [], scope_rhos[0].unbind() if scope_rhos else []):
+            rho.copy_(new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sculptor step (§2.3)
+# ---------------------------------------------------------------------------------------------
+
+
+def _single_tensor_sculpt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    phis: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    base: str,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    pathway: str,
+    **_,
+) -> list[Tensor]:
+    """θ ← θ − lr·ϕ·d per parameter; returns the raw fractures (ϕ is gilded by the caller)."""
+    if not torch.jit.is_scripting():
+        lr = _to_scalar(lr)
+    fractures = []
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        phi = phis[i]
+        fractures.append(fracture(grad, pathway, phi.dtype))
+        if torch.is_complex(param):
+            grad = torch.view_as_real(grad)
+            param = torch.view_as_real(param)
+        phi_b = _broadcast(phi, param)
+
+        if base == "sgd":
+            if weight_decay != 0:
+                grad = grad.add(param, alpha=weight_decay)
+            if momentum != 0:
+                buf = momentum_buffers[i]
+                if buf is None:
+                    buf = grad.detach().clone()
+                    momentum_buffers[i] = _like_param(buf, params[i])
+                else:
+                    buf = torch.view_as_real(buf) if buf.is_complex() else buf
+                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                grad = grad.add(buf, alpha=momentum) if nesterov else buf
+            param.add_(grad * phi_b, alpha=-lr)
+            continue
+
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
+        if torch.is_complex(exp_avg):
+            exp_avg = torch.view_as_real(exp_avg)
+            exp_avg_sq = torch.view_as_real(exp_avg_sq)
+            if amsgrad:
+                max_exp_avg_sqs[i] = torch.view_as_real(max_exp_avg_sqs[i])
+        if not torch.compiler.is_compiling() and capturable:
+            supported = _get_capturable_supported_devices()
+            if not (param.device.type == step_t.device.type and param.device.type in supported):
+                raise AssertionError(
+                    f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+                )
+        step_t += 1
+        if weight_decay != 0:
+            if base == "adamw":
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+        if capturable or differentiable:
+            step = step_t
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size_neg = (lr / bias_correction1).neg()
+            bias_correction2_sqrt = bias_correction2.sqrt()
+            if amsgrad:
+                max_sq = max_exp_avg_sqs[i].clone() if differentiable else max_exp_avg_sqs[i]
+                max_exp_avg_sqs[i].copy_(torch.maximum(max_sq, exp_avg_sq))
+                second = max_exp_avg_sqs[i]
+            else:
+                second = exp_avg_sq
+            denom = (second.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(
+                eps / step_size_neg
+            )
+            # θ moves by ϕ·d: dividing the denominator by ϕ is exact when ϕ = 1.
+            denom = denom / phi_b if differentiable else denom.div_(phi_b)
+            param.addcdiv_(exp_avg.clone() if differentiable else exp_avg, denom)
+        else:
+            step = _get_value(step_t)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = lr / bias_correction1
+            bias_correction2_sqrt = bias_correction2**0.5
+            if amsgrad:
+                torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+                denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+            else:
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            denom.div_(phi_b)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+        if amsgrad and torch.is_complex(params[i]):
+            max_exp_avg_sqs[i] = torch.view_as_complex(max_exp_avg_sqs[i])
+    return fractures
+
+
+def _multi_tensor_sculpt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    phis: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    base: str,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    pathway: str,
+    **_,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The foreach Sculptor step over all tensors of each device/dtype group.
+
+    Returns ``(phis, fractures)`` in matching (device-grouped) order for :func:`gild_pathways`.
+    """
+    if differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if isinstance(lr, Tensor) and not capturable:
+        raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if not torch.compiler.is_compiling() and capturable and base != "sgd":
+        supported = _get_capturable_supported_devices(supports_xla=False)
+        if not all(
+            p.device.type == s.device.type and p.device.type in supported
+            for p, s in zip(params, state_steps)
+        ):
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+            )
+    lr = _to_scalar(lr)
+    is_sgd = base == "sgd"
+    lists = [params, grads, phis, momentum_buffers] if is_sgd else [
+        params, grads, phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+    ]
+    out_phis: list[Tensor] = []
+    out_fractures: list[Tensor] = []
+    for device_lists, indices in Optimizer._group_tensors_by_device_and_dtype(
+        lists, with_indices=True
+    ).values():
+        device_params = cast(list[Tensor], device_lists[0])
+        device_grads = cast(list[Tensor], device_lists[1])
+        device_phis = cast(list[Tensor], device_lists[2])
+        if any(torch.is_complex(p) for p in device_params):
+            device_params = [torch.view_as_real(p) if p.is_complex() else p for p in device_params]
+            device_grads = [torch.view_as_real(g) if g.is_complex() else g for g in device_grads]
+            for k in range(3, len(device_lists)):
+                device_lists[k] = [
+                    torch.view_as_real(t) if t is not None and t.is_complex() else t
+                    for t in device_lists[k]
+                ]
+        out_phis += device_phis
+        out_fractures += _foreach_fracture(device_grads, device_phis, pathway)
+        phis_b = [_broadcast(phi, p) for phi, p in zip(device_phis, device_params)]
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+        if is_sgd:
+            _multi_tensor_sgd_direction_step(
+                device_params, device_grads, phis_b, cast(list, device_lists[3]),
+                [params[k] for k in indices], momentum_buffers, indices, lr=lr, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
+            )
+        else:
+            _multi_tensor_adam_direction_step(
+                device_params, device_grads, phis_b, *device_lists[3:], base=base, lr=lr,
+                beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+                weight_decay=weight_decay, maximize=maximize, capturable=capturable,
+            )
+    return out_phis, out_fractures
+
+
+def _foreach_fracture(grads: list[Tensor], phis: list[Tensor], pathway: str) -> list[Tensor]:
+    a = torch._foreach_abs(grads)
+    if a and a[0].dtype != phis[0].dtype:
+        a = [t.to(phis[0].dtype) for t in a]
+    if pathway == "element":
+        return a
+    if pathway == "tensor":
+        means = torch._foreach_norm(a, 1)
+        torch._foreach_div_(means, [max(t.numel(), 1) for t in a])
+        return list(means)
+    # torch has no foreach reduction along a dim: the row means are the foreach path's one
+    # per-tensor op (on rows already reduced from |g|, one read of it).
+    return [t.reshape(t.shape[0], -1).mean(1) if t.dim() > 0 else t for t in a]
+
+
+def _multi_tensor_sgd_direction_step(
+    params, grads, phis_b, bufs, original_params, all_bufs, indices, *, lr, momentum, dampening, nesterov,
+    weight_decay, maximize,
+) -> None:
+    if weight_decay != 0:
+        # Reuse the intermediate memory (grads) already allocated for maximize
+        if maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        if all(b is not None for b in bufs):
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+        else:
+            for k, b in enumerate(bufs):
+                if b is None:
+                    bufs[k] = grads[k].detach().clone()
+                    all_bufs[indices[k]] = _like_param(bufs[k], original_params[k])
+                else:
+                    b.mul_(momentum).add_(grads[k], alpha=1 - dampening)
+        if nesterov:
+            grads = torch._foreach_add(grads, bufs, alpha=momentum)
+        else:
+            grads = bufs
+    scaled = torch._foreach_mul(grads, phis_b)
+    if isinstance(lr, Tensor):
+        torch._foreach_mul_(scaled, -lr)
+        torch._foreach_add_(params, scaled)
+    else:
+        torch._foreach_add_(params, scaled, alpha=-lr)
+
+
+def _multi_tensor_adam_direction_step(
+    params, grads, phis_b, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, base, lr,
+    beta1, beta2, eps, amsgrad, weight_decay, maximize, capturable,
+) -> None:
+    # Mirrors torch.optim.adam._multi_tensor_adam, with ϕ folded into the denominator.
+    if not torch.compiler.is_compiling() and state_steps[0].is_cpu:
+        torch._foreach_add_(state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    else:
+        torch._foreach_add_(state_steps, 1)
+    if weight_decay != 0:
+        if base == "adamw":
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        elif maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads
+
+    if capturable:
+        bias_correction1 = torch._foreach_pow(beta1, state_steps)
+        bias_correction2 = torch._foreach_pow(beta2, state_steps)
+        torch._foreach_sub_(bias_correction1, 1)
+        torch._foreach_sub_(bias_correction2, 1)
+        torch._foreach_neg_(bias_correction2)
+        torch._foreach_div_(bias_correction1, lr)
+        torch._foreach_reciprocal_(bias_correction1)
+        torch._foreach_sqrt_(bias_correction2)
+        step_size, bias_correction2_sqrt = bias_correction1, bias_correction2
+        if amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+            denom = torch._foreach_sqrt(max_exp_avg_sqs)
+        else:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, step_size)
+        torch._foreach_div_(denom, phis_b)
+        torch._foreach_addcdiv_(params, exp_avgs, denom)
+    else:
+        bias_correction1 = [1 - beta1 ** _get_value(s) for s in state_steps]
+        bias_correction2 = [1 - beta2 ** _get_value(s) for s in state_steps]
+        step_size = _stack_if_compiling([(lr / bc) * -1 for bc in bias_correction1])
+        bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
+        if amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+            denom = torch._foreach_sqrt(max_exp_avg_sqs)
+        else:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, phis_b)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+
+
+@_disable_dynamo_if_unsupported(single_tensor_fn=_single_tensor_sculpt)
+def sculpt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    phis: list[Tensor],
+    rhos: list[Tensor] | None,
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    *,
+    base: str,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    pathway: str,
+    fracture: str,
+    beta: float,
+    gamma: float,
+    l1: float,
+    phi_min: float,
+    phi_max: float | None,
+    phi_norm: str | None,
+    ascent: str,
+    positivity: str,
+) -> None:
+    """Functional Sculptor step over one param group (see :class:`KintsugiOptimizer`).
+
+    Per parameter, with ϕ from *before* this step's gilding (the two streams are simultaneous):
+    fracture l from the gradient, θ ← θ − lr·ϕ·d with d the base rule's direction exactly as
+    torch computes it, then ϕ ← gild(ϕ, l) over the pathway's scope. State lists are those of
+    ``torch.optim.adam.adam`` / ``sgd`` (empty where the base rule has no such state);
+    ``momentum_buffers`` entries that are None are created. ``rhos`` (the resilience scores ρ) is
+    needed with ``positivity="softplus"`` only.
+    """
+    if fused is None and foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
+        if foreach and isinstance(lr, Tensor) and not capturable:
+            foreach = False
+    if foreach and fused:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    hyper = dict(
+        base=base, lr=lr, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+        momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+        maximize=maximize, capturable=capturable, differentiable=differentiable, pathway=pathway,
+    )
+    gilding = dict(
+        fracture=fracture, beta=beta, gamma=gamma, l1=l1, phi_min=phi_min, phi_max=phi_max,
+        phi_norm=phi_norm, ascent=ascent, positivity=positivity,
+    )
+    state = (params, grads, phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
+             state_steps)
+    if fused and not torch.jit.is_scripting():
+        from kintsugi_optim._fused import fused_sculpt
+
+        fused_sculpt(*state, rhos, grad_scale, found_inf, **hyper, **gilding)
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise AssertionError("Expected grad_scale and found_inf to be None")
+    if foreach and not torch.jit.is_scripting():
+        gild_phis, fractures = _multi_tensor_sculpt(*state, **hyper)
+        if rhos is not None:  # follow the device grouping of the ϕ
+            by_phi = {id(p): r for p, r in zip(phis, rhos)}
+            rhos = [by_phi[id(p)] for p in gild_phis]
+    else:
+        gild_phis, fractures = phis, _single_tensor_sculpt(*state, **hyper)
+    gild_pathways(gild_phis, fractures, rhos, pathway=pathway, foreach=bool(foreach), **gilding)
+
+
+def gilder_step(
+    phis: list[Tensor],
+    grads: list[Tensor],
+    rhos: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    beta: float,
+    fracture: str,
+    foreach: bool | None = None,
+    **options,
+) -> None:
+    """Functional Gilder step (SPEC §2.4): ϕ ← gild(ϕ, l) with l = ϕ.grad (relative: scaled by
+    its mean |l|) and effective rate β·lr, each ϕ tensor its own scope."""
+    if not phis:
+        return
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(phis, False, use_fused=False)
+    if isinstance(lr, Tensor):
+        lr = _to_scalar(lr)
+    fractures = torch._foreach_mul(grads, 1.0) if foreach else [g.clone() for g in grads]
+    if fracture == "relative":
+        relative_fracture_(fractures, foreach=foreach)
+    gild(phis, fractures, rhos, beta=beta * lr, foreach=foreach, **options)

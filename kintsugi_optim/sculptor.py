@@ -1,0 +1,367 @@
+"""The Sculptor: :class:`KintsugiOptimizer`, a ``torch.optim.Optimizer`` whose SGD/Adam/AdamW step
+is scaled per pathway by a gilding weight ϕ that rises with that pathway's error (SPEC §2.3, §3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import (
+    _device_dtype_check_for_fused,
+    _get_scalar_dtype,
+    _use_grad_for_differentiable,
+    Optimizer,
+    ParamsT,
+)
+
+from kintsugi_optim._validation import (
+    require,
+    require_choice,
+    require_nonnegative,
+    validate_gilding,
+)
+from kintsugi_optim.functional import (
+    BASES,
+    FRACTURES,
+    PATHWAYS,
+    new_phi,
+    phi_dtype,
+    phi_shape,
+    sculpt,
+    softplus_inverse,
+)
+
+__all__ = ["KintsugiOptimizer", "Sculptor"]
+
+_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    base="adam",
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    amsgrad=False,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=None,  # 0 for sgd/adam, 1e-2 for adamw, like torch's defaults
+    beta=0.01,
+    gamma=0.0,
+    l1=0.0,
+    phi_init=1.0,
+    phi_min=1e-3,
+    phi_max=None,
+    pathway="element",
+    fracture="relative",
+    phi_norm="mean",
+    ascent="additive",
+    positivity="clamp",
+    maximize=False,
+    foreach=None,
+    fused=None,
+    capturable=False,
+    differentiable=False,
+)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    require_nonnegative("lr", lr)
+    if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"]:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    require_choice("base", group["base"], BASES)
+    betas = group["betas"]
+    require(len(betas) == 2, "betas", betas, "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        require_nonnegative(f"betas[{i}]", b)
+        require(float(b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
+    for name in ("eps", "momentum", "dampening", "weight_decay"):
+        require_nonnegative(name, group[name])
+    if group["nesterov"]:
+        require(
+            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
+            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
+            f"dampening={group['dampening']!r}",
+        )
+    validate_gilding(group)
+    phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
+    require_nonnegative("phi_init", phi_init)
+    require(
+        phi_min <= phi_init and (phi_max is None or phi_init <= phi_max), "phi_init", phi_init,
+        f"must lie in [phi_min, phi_max] = [{phi_min!r}, {phi_max!r}]",
+    )
+    require_choice("pathway", group["pathway"], PATHWAYS)
+    require_choice("fracture", group["fracture"], FRACTURES)
+    if group["fused"]:
+        if group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
+
+
+class KintsugiOptimizer(Optimizer):
+    r"""The Sculptor: SGD, Adam or AdamW with every pathway's step scaled by its gilding weight ϕ.
+
+    Each step, per parameter θ with gradient g (negated first when ``maximize``):
+
+    1. fracture signal l = |g| reduced to the pathway (element / row / tensor), divided by its
+       mean over the scope when ``fracture="relative"`` (SPEC §2.1);
+    2. d = the base rule's direction exactly as ``torch.optim`` computes it;
+    3. θ ← θ − lr · ϕ · d, with ϕ from *before* this step (the two streams are simultaneous);
+    4. ϕ ← gild(ϕ, l): ϕ += β·l·max(0, 1 − γϕ) − β·λ, kept in [phi_min, phi_max], normalised to
+       mean 1 over the scope when ``phi_norm="mean"`` (SPEC §2.2).
+
+    With ``beta=0`` it is ``torch.optim.SGD``/``Adam``/``AdamW`` (bitwise on the single-tensor
+    path). Every argument may be overridden per param group.
+
+    Args:
+        params: tensors, dicts defining param groups, or ``(name, tensor)`` pairs.
+        lr (float or 0-d Tensor): learning rate α (default: 1e-3).
+        base (str): "sgd", "adam" or "adamw" (default: "adam").
+        betas, eps, amsgrad: as ``torch.optim.Adam`` (defaults (0.9, 0.999), 1e-8, False).
+        momentum, dampening, nesterov: as ``torch.optim.SGD`` (defaults 0, 0, False).
+        weight_decay (float): coupled (L2 in g) for sgd/adam, decoupled for adamw
+            (default: 0, or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not scaled by ϕ.
+        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0).
+        l1 (float): tempering λ ≥ 0 (0). phi_init, phi_min, phi_max: ϕ's start and bounds
+            (1.0, 1e-3, None = no cap); 0 < phi_min ≤ phi_init ≤ phi_max.
+        pathway (str): "element" (ϕ shaped like θ), "row" (one ϕ per ``θ[i]``: a neuron or output
+            channel) or "tensor" (one ϕ per tensor, normalised across the group). Default "element".
+        fracture (str): "relative" (scale-free, default) or "abs" (the source's literal rule).
+        phi_norm (str or None): "mean" (default) keeps the mean ϕ of each scope at 1.
+        ascent (str): "additive" (default) or "multiplicative" (exponentiated gradient).
+        positivity (str): "clamp" (default) or "softplus" (ϕ = softplus(ρ), ρ the resilience
+            score, stored in the state as ``rho``).
+        maximize, foreach, fused, capturable, differentiable: as in ``torch.optim.Adam``.
+
+    State per parameter: torch's keys for the base rule plus ``phi`` (and ``rho``), float32 for
+    bf16/fp16 parameters. :meth:`gilding` returns every ϕ.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        *,
+        base: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float | None = None,
+        beta: float = 0.01,
+        gamma: float = 0.0,
+        l1: float = 0.0,
+        phi_init: float = 1.0,
+        phi_min: float = 1e-3,
+        phi_max: float | None = None,
+        pathway: str = "element",
+        fracture: str = "relative",
+        phi_norm: str | None = "mean",
+        ascent: str = "additive",
+        positivity: str = "clamp",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, base=base, betas=tuple(betas), eps=eps, amsgrad=amsgrad, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, beta=beta,
+            gamma=gamma, l1=l1, phi_init=phi_init, phi_min=phi_min, phi_max=phi_max,
+            pathway=pathway, fracture=fracture, phi_norm=phi_norm, ascent=ascent,
+            positivity=positivity, maximize=maximize, foreach=foreach, fused=fused,
+            capturable=capturable, differentiable=differentiable,
+        )
+        super().__init__(params, defaults)
+        if fused:
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group as it will be, before the optimizer holds it: a bad value never
+        # leaves a half-added group behind.
+        candidate = {**self.defaults, **param_group}
+        candidate["weight_decay"] = _resolved_weight_decay(candidate)
+        _validate_group(candidate)
+        super().add_param_group(param_group)
+        self.param_groups[-1]["weight_decay"] = candidate["weight_decay"]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in _DEFAULTS.items():
+                group.setdefault(key, default)
+            group["weight_decay"] = _resolved_weight_decay(group)
+
+    def _init_group(self, group: dict[str, Any]) -> dict[str, list]:
+        lists: dict[str, list] = {
+            k: [] for k in ("params", "grads", "phis", "rhos", "exp_avgs", "exp_avg_sqs",
+                            "max_exp_avg_sqs", "momentum_buffers", "state_steps")
+        }
+        base, fused = group["base"], group["fused"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("KintsugiOptimizer does not support sparse gradients")
+            state = self.state[p]
+            if "phi" not in state:  # lazy state initialization, as torch's optimizers do
+                if fused:
+                    _device_dtype_check_for_fused(p)
+                state["phi"] = new_phi(p, group["pathway"], group["phi_init"])
+            if group["positivity"] == "softplus" and "rho" not in state:
+                state["rho"] = softplus_inverse(state["phi"])
+            if base != "sgd" and "step" not in state:
+                # torch keeps `step` on the CPU unless capturable/fused (kernel launches are costly).
+                state["step"] = (
+                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
+                    if group["capturable"] or fused
+                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if base != "sgd" and group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["differentiable"] and base != "sgd" and state["step"].requires_grad:
+                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+
+            lists["params"].append(p)
+            lists["grads"].append(p.grad)
+            lists["phis"].append(state["phi"])
+            if "rho" in state and group["positivity"] == "softplus":
+                lists["rhos"].append(state["rho"])
+            if base == "sgd":
+                if group["momentum"] != 0:
+                    lists["momentum_buffers"].append(state.get("momentum_buffer"))
+            else:
+                lists["exp_avgs"].append(state["exp_avg"])
+                lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                lists["state_steps"].append(state["step"])
+        return lists
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform one Sculptor step (θ descent and ϕ gilding together).
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
+            self, "_cuda_graph_capture_health_check"
+        )
+        health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lists = self._init_group(group)
+            momentum_buffers = lists["momentum_buffers"]
+            if group["base"] == "sgd" and group["momentum"] == 0:
+                momentum_buffers = [None] * len(lists["params"])
+            beta1, beta2 = group["betas"]
+            sculpt(
+                lists["params"],
+                lists["grads"],
+                lists["phis"],
+                lists["rhos"] or None,
+                lists["exp_avgs"],
+                lists["exp_avg_sqs"],
+                lists["max_exp_avg_sqs"],
+                momentum_buffers,
+                lists["state_steps"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                base=group["base"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                amsgrad=group["amsgrad"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                pathway=group["pathway"],
+                fracture=group["fracture"],
+                beta=group["beta"],
+                gamma=group["gamma"],
+                l1=group["l1"],
+                phi_min=group["phi_min"],
+                phi_max=group["phi_max"],
+                phi_norm=group["phi_norm"],
+                ascent=group["ascent"],
+                positivity=group["positivity"],
+            )
+            if group["base"] == "sgd" and group["momentum"] != 0:
+                for p, buf in zip(lists["params"], momentum_buffers):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
+
+    def gilding(self) -> dict[Any, dict[Any, Tensor]]:
+        """Every ϕ: ``{group key: {param key: phi}}``.
+
+        The group key is the group's ``name`` entry when it has one, else its index; the param
+        key is the parameter's name when params were given as ``(name, tensor)`` pairs, else its
+        index in the group. Parameters that have not stepped yet have no ϕ and are left out.
+        The tensors are the live state (no copies).
+        """
+        out: dict[Any, dict[Any, Tensor]] = {}
+        for g, group in enumerate(self.param_groups):
+            names = group.get("param_names") or range(len(group["params"]))
+            out[group.get("name", g)] = {
+                name: self.state[p]["phi"]
+                for name, p in zip(names, group["params"])
+                if "phi" in self.state.get(p, {})
+            }
+        return out
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, plus: ϕ (and ρ) keep their dtype (float32
+        for bf16/fp16 parameters, where torch would cast them to the parameter's dtype), and a ϕ
+        whose shape does not fit its group's pathway raises ValueError before anything changes."""
+        kept: dict[Tensor, dict[str, Tensor]] = {}
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+                pathway = saved.get("pathway", _DEFAULTS["pathway"])
+                names = group.get("param_names") or [
+                    f"param_groups[{g}]['params'][{i}]" for i in range(len(group["params"]))
+                ]
+                for pid, p, name in zip(saved["params"], group["params"], names):
+                    saved_state = state_dict["state"].get(pid, {})
+                    phi = saved_state.get("phi")
+                    if phi is None:
+                        continue
+                    expected = phi_shape(p, pathway)
+                    if tuple(phi.shape) != tuple(expected):
+                        raise ValueError(
+                            f"Invalid phi for parameter {name!r}: shape {tuple(phi.shape)} does not "
+                            f"fit pathway={pathway!r}, which needs {tuple(expected)}"
+                        )
+                    kept[p] = {k: saved_state[k] for k in ("phi", "rho") if k in saved_state}
+        super().load_state_dict(state_dict)
+        for p, tensors in kept.items():
+            for key, value in tensors.items():
+                self.state[p][key] = value.to(device=p.device, dtype=phi_dtype(p), copy=True)
+
+
+def _resolved_weight_decay(group: dict[str, Any]) -> float:
+    if group.get("weight_decay") is None:
+        return 1e-2 if group.get("base") == "adamw" else 0.0
+    return group["weight_decay"]
+
+
+Sculptor = KintsugiOptimizer
