@@ -86,10 +86,9 @@ def _validate_group(group: dict[str, Any]) -> None:
     validate_gilding(group)
     phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
     require_nonnegative("phi_init", phi_init)
-    require(
-        phi_min <= phi_init and (phi_max is None or phi_init <= phi_max), "phi_init", phi_init,
-        f"must lie in [phi_min, phi_max] = [{phi_min!r}, {phi_max!r}]",
-    )
+    require(phi_init >= phi_min, "phi_init", phi_init, f"must be >= phi_min={phi_min!r}")
+    if phi_max is not None:
+        require(phi_max >= phi_init, "phi_max", phi_max, f"must be >= phi_init={phi_init!r}")
     require_choice("pathway", group["pathway"], PATHWAYS)
     require_choice("fracture", group["fracture"], FRACTURES)
     if group["fused"]:
