@@ -19,6 +19,7 @@ on CUDA), and :func:`sculpt` also dispatches to a fused kernel (:mod:`kintsugi_o
 from __future__ import annotations
 
 import math
+import sys
 from typing import cast
 
 import torch
@@ -66,10 +67,10 @@ def phi_shape(param: Tensor, pathway: str) -> torch.Size:
     component is a pathway, as torch's optimizers treat complex numbers); row: ``[param.shape[0]]``
     (0-d parameters fall back to a single ϕ); tensor: ``[]``.
     """
-    if param.is_complex():
-        param = torch.view_as_real(param)
     if pathway == "element":
-        return param.shape
+        return torch.view_as_real(param).shape if param.is_complex() else param.shape
+    # Rows are those of the parameter itself: a complex vector's real view is 2-d, but a 0-d
+    # complex parameter still has a single ϕ.
     if pathway == "row" and param.dim() > 0:
         return param.shape[:1]
     return torch.Size([])
@@ -85,12 +86,46 @@ def phi_dtype(param: Tensor) -> torch.dtype:
 
 def new_phi(param: Tensor, pathway: str, value: float) -> Tensor:
     """A fresh ϕ for ``param``: :func:`phi_shape`, :func:`phi_dtype`, on its device, filled with
-    ``value`` (element ϕ keep the parameter's memory format, as torch's optimizer state does)."""
+    ``value`` (element ϕ keep the parameter's memory format, as torch's optimizer state does).
+
+    For a DTensor parameter (FSDP2's ``fully_shard``, tensor parallelism) ϕ is a DTensor on the
+    same mesh, split like the pathways it weighs: element ϕ exactly like the parameter; row ϕ
+    ``Shard(0)`` where the parameter's rows are (replicated where the parameter is replicated or
+    split along another dim); the tensor pathway's single ϕ replicated. Then every reduction of
+    the maths (row means, the scope means of ``fracture="relative"`` and ``phi_norm="mean"``) is
+    taken over the whole tensor, and a sharded run follows the unsharded one.
+    """
     dtype = phi_dtype(param)
     if pathway == "element":
         real = torch.view_as_real(param) if param.is_complex() else param
         return torch.full_like(real, value, dtype=dtype, requires_grad=False)
-    return torch.full(phi_shape(param, pathway), value, dtype=dtype, device=param.device)
+    shape = phi_shape(param, pathway)
+    if _is_dtensor(param):
+        return _dtensor_phi(param, shape, value, dtype)
+    return torch.full(shape, value, dtype=dtype, device=param.device)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    # A DTensor exists only once torch.distributed.tensor is imported: no import needed here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _dtensor_phi(param: Tensor, shape: torch.Size, value: float, dtype: torch.dtype) -> Tensor:
+    from torch.distributed.tensor import Replicate, Shard, full
+
+    placements = []
+    for placement in param.placements:
+        if isinstance(placement, Shard) and placement.dim == 0 and len(shape) == 1:
+            placements.append(Shard(0))  # each rank gilds the rows it holds
+        elif placement.is_replicate() or isinstance(placement, Shard):
+            placements.append(Replicate())
+        else:
+            raise NotImplementedError(
+                f"KintsugiOptimizer: no row/tensor ϕ for a parameter placed {param.placements} "
+                "(supported: Shard(d) and Replicate())"
+            )
+    return full(shape, value, dtype=dtype, device_mesh=param.device_mesh, placements=placements)
 
 
 def softplus_inverse(phi: Tensor) -> Tensor:
@@ -131,6 +166,7 @@ def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Te
         A new tensor of ``phi_shape(grad, pathway)``. The scale-free ``fracture="relative"``
         variant divides it by its mean over the scope (see :func:`relative_fracture_`).
     """
+    rows = pathway == "row" and grad.dim() > 0  # rows of grad itself, even when complex
     if grad.is_complex():
         grad = torch.view_as_real(grad)
     a = grad.abs()
@@ -138,7 +174,7 @@ def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Te
         a = a.to(dtype)
     if pathway == "element":
         return a
-    if pathway == "row" and a.dim() > 0:
+    if rows:
         return a.reshape(a.shape[0], -1).mean(1)
     return a.mean()
 
@@ -154,9 +190,11 @@ def relative_fracture_(fractures: list[Tensor], *, foreach: bool = False) -> Non
         return
     if foreach:
         for (device_fractures,), _ in _grouped([fractures]):
+            # Out of place on the norms: the norm of a sharded DTensor (FSDP2) is a pending
+            # reduction, which an in-place op may not resolve. Here and below.
             means = torch._foreach_norm(device_fractures, 1)
-            torch._foreach_div_(means, [max(f.numel(), 1) for f in device_fractures])
-            torch._foreach_clamp_min_(means, torch.finfo(device_fractures[0].dtype).tiny)
+            means = torch._foreach_div(means, [max(f.numel(), 1) for f in device_fractures])
+            means = torch._foreach_clamp_min(means, torch.finfo(device_fractures[0].dtype).tiny)
             torch._foreach_div_(device_fractures, means)
         return
     for l in fractures:
@@ -312,9 +350,8 @@ def _multi_tensor_gild(
         )
         if phi_norm == "mean":
             # ϕ ≥ phi_min > 0, so the L1 norm is the sum.
-            factors = torch._foreach_norm(device_phis, 1)
-            torch._foreach_reciprocal_(factors)
-            torch._foreach_mul_(factors, [float(p.numel()) for p in device_phis])
+            factors = torch._foreach_reciprocal(torch._foreach_norm(device_phis, 1))
+            factors = torch._foreach_mul(factors, [float(p.numel()) for p in device_phis])
             torch._foreach_mul_(device_phis, factors)
             torch._foreach_clamp_min_(device_phis, torch.finfo(device_phis[0].dtype).tiny)
         if rhos:
@@ -424,7 +461,14 @@ def _single_tensor_sculpt(
                     buf = torch.view_as_real(buf) if buf.is_complex() else buf
                     buf.mul_(momentum).add_(grad, alpha=1 - dampening)
                 grad = grad.add(buf, alpha=momentum) if nesterov else buf
-            param.add_(grad * phi_b, alpha=-lr)
+            # ϕ·d is formed in ϕ's precision and rounded once to θ's dtype, so a bf16/fp16 θ takes
+            # the step in its own arithmetic, exactly torch's SGD when ϕ = 1.
+            scaled = (grad * phi_b).to(param.dtype)
+            if capturable and isinstance(lr, Tensor):
+                # alpha=-lr would read a tensor lr back to the host: not inside a CUDA graph
+                param.addcmul_(scaled, lr, value=-1)
+            else:
+                param.add_(scaled, alpha=-lr)
             continue
 
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -514,6 +558,8 @@ def _multi_tensor_sculpt(
 
     Returns ``(phis, fractures)`` in matching (device-grouped) order for :func:`gild_pathways`.
     """
+    if len(params) == 0:  # a group none of whose parameters has a gradient this step
+        return [], []
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if isinstance(lr, Tensor) and not capturable:
@@ -576,12 +622,12 @@ def _foreach_fracture(grads: list[Tensor], phis: list[Tensor], pathway: str) -> 
     if pathway == "element":
         return a
     if pathway == "tensor":
-        means = torch._foreach_norm(a, 1)
-        torch._foreach_div_(means, [max(t.numel(), 1) for t in a])
-        return list(means)
+        means = torch._foreach_norm(a, 1)  # out-of-place division: see relative_fracture_
+        return list(torch._foreach_div(means, [max(t.numel(), 1) for t in a]))
     # torch has no foreach reduction along a dim: the row means are the foreach path's one
-    # per-tensor op (on rows already reduced from |g|, one read of it).
-    return [t.reshape(t.shape[0], -1).mean(1) if t.dim() > 0 else t for t in a]
+    # per-tensor op (one read of |g|). A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
+    return [t.reshape(t.shape[0], -1).mean(1) if phi.dim() > 0 else t.mean()
+            for t, phi in zip(a, phis)]
 
 
 def _multi_tensor_sgd_direction_step(
@@ -610,6 +656,8 @@ def _multi_tensor_sgd_direction_step(
         else:
             grads = bufs
     scaled = torch._foreach_mul(grads, phis_b)
+    if scaled and scaled[0].dtype != params[0].dtype:  # float32 ϕ, bf16/fp16 θ: as single-tensor
+        scaled = [s.to(p.dtype) for s, p in zip(scaled, params)]
     if isinstance(lr, Tensor):
         torch._foreach_mul_(scaled, -lr)
         torch._foreach_add_(params, scaled)
@@ -766,10 +814,15 @@ def gilder_step(
     beta: float,
     fracture: str,
     foreach: bool | None = None,
+    found_inf: Tensor | None = None,
     **options,
 ) -> None:
     """Functional Gilder step (SPEC §2.4): ϕ ← gild(ϕ, l) with l = ϕ.grad (relative: scaled by
-    its mean |l|) and effective rate β·lr, each ϕ tensor its own scope."""
+    its mean |l|) and effective rate β·lr, each ϕ tensor its own scope.
+
+    ``found_inf`` (from ``torch.amp.GradScaler``): where it is > 0 the step is skipped, every ϕ
+    and ρ left bitwise as it was; the choice is made on the device, without a host sync.
+    """
     if not phis:
         return
     if foreach is None:
@@ -779,4 +832,10 @@ def gilder_step(
     fractures = torch._foreach_mul(grads, 1.0) if foreach else [g.clone() for g in grads]
     if fracture == "relative":
         relative_fracture_(fractures, foreach=foreach)
+    updated = phis + (rhos or [])
+    before = [t.clone() for t in updated] if found_inf is not None else []
     gild(phis, fractures, rhos, beta=beta * lr, foreach=foreach, **options)
+    if found_inf is not None:
+        skip = found_inf > 0
+        for t, old in zip(updated, before):
+            t.copy_(torch.where(skip.to(t.device), old, t))

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from kintsugi_optim._validation import require, require_choice, require_nonnegative, validate_gilding
@@ -53,7 +55,21 @@ class GilderOptimizer(Optimizer):
         fracture (str): "abs" (default) or "relative".
         lr (float): multiplier of β for schedulers (default: 1.0).
         foreach (bool, optional): foreach implementation; None picks like torch (CUDA: yes).
+        process_group (ProcessGroup, optional): average every ϕ.grad over these ranks (in place,
+            before gilding, as DDP averages parameter gradients), so each rank gilds with the same
+            fracture and ϕ stays identical across ranks (``torch.distributed.group.WORLD`` for all
+            ranks). Every rank must step the same ϕ with a grad. None (default): no averaging.
+
+    Under ``torch.amp.GradScaler``, ``scaler.step(gilder)`` hands the step the scale and the
+    inf/nan flag (``_step_supports_amp_scaling``): ϕ.grad is unscaled in place, and a step with
+    inf/nan gradients leaves every ϕ exactly as it was, decided on the device without a host sync.
+    A step in which no ϕ has a grad is simply a no-op, never GradScaler's "No inf checks were
+    recorded" error (torch raises it for optimizers that leave the inf check to the scaler).
     """
+
+    # torch.amp.GradScaler.step sets `grad_scale` and `found_inf` on the optimizer and calls
+    # step() unconditionally, instead of unscaling and checking itself (see step()).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -70,12 +86,15 @@ class GilderOptimizer(Optimizer):
         positivity: str = "clamp",
         lr: float = 1.0,
         foreach: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, beta=beta, gamma=gamma, l1=l1, phi_min=phi_min, phi_max=phi_max,
             phi_norm=phi_norm, fracture=fracture, ascent=ascent, positivity=positivity,
             foreach=foreach,
         )
+        # An attribute, not a group option: a ProcessGroup cannot go into a state_dict.
+        self.process_group = process_group
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -98,6 +117,7 @@ class GilderOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("process_group", None)
         for group in self.param_groups:
             for key, default in _DEFAULTS.items():
                 group.setdefault(key, default)
@@ -113,29 +133,49 @@ class GilderOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            phis, grads, rhos = [], [], []
-            softplus = group["positivity"] == "softplus"
-            for phi in group["params"]:
-                if phi.grad is None:
-                    continue
-                if phi.grad.is_sparse:
-                    raise RuntimeError("GilderOptimizer does not support sparse gradients")
-                phis.append(phi)
-                grads.append(phi.grad)
-                if softplus:
-                    state = self.state[phi]
-                    if "rho" not in state:
-                        state["rho"] = softplus_inverse(phi.detach().clone())
-                    rhos.append(state["rho"])
+        # Set by GradScaler.step: the scale still in the gradients (None once scaler.unscale_
+        # has run) and the inf/nan flag (a plain 0 when no ϕ had a grad to check).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if not isinstance(found_inf, Tensor):
+            found_inf = None
+        groups = [self._init_group(group) for group in self.param_groups]
+        grads = [g for _, group_grads, _ in groups for g in group_grads]
+        if grad_scale is not None and grads:
+            # As GradScaler.unscale_ computes it, so ϕ.grad reads the same after either path.
+            inv_scale = grad_scale.double().reciprocal().float()
+            for g in grads:
+                g.mul_(inv_scale)
+        if self.process_group is not None and grads:
+            found_inf = _average_across_ranks_(grads, found_inf, self.process_group)
+        for group, (phis, group_grads, rhos) in zip(self.param_groups, groups):
             gilder_step(
-                phis, grads, rhos if softplus else None, lr=group["lr"], beta=group["beta"],
-                fracture=group["fracture"], foreach=group["foreach"], gamma=group["gamma"],
+                phis, group_grads, rhos if group["positivity"] == "softplus" else None,
+                lr=group["lr"], beta=group["beta"], fracture=group["fracture"],
+                foreach=group["foreach"], found_inf=found_inf, gamma=group["gamma"],
                 l1=group["l1"], phi_min=group["phi_min"], phi_max=group["phi_max"],
                 phi_norm=group["phi_norm"], ascent=group["ascent"],
                 positivity=group["positivity"],
             )
         return loss
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The group's ϕ that have a grad, their grads and (softplus) their resilience scores ρ,
+        created lazily from ϕ."""
+        phis, grads, rhos = [], [], []
+        for phi in group["params"]:
+            if phi.grad is None:
+                continue
+            if phi.grad.is_sparse:
+                raise RuntimeError("GilderOptimizer does not support sparse gradients")
+            phis.append(phi)
+            grads.append(phi.grad)
+            if group["positivity"] == "softplus":
+                state = self.state[phi]
+                if "rho" not in state:
+                    state["rho"] = softplus_inverse(phi.detach().clone())
+                rhos.append(state["rho"])
+        return phis, grads, rhos
 
     def gilding(self) -> dict[Any, dict[Any, Tensor]]:
         """Every ϕ: ``{group key: {param key: phi}}`` (group ``name`` or index; param name or
@@ -145,6 +185,28 @@ class GilderOptimizer(Optimizer):
             names = group.get("param_names") or range(len(group["params"]))
             out[group.get("name", g)] = dict(zip(names, group["params"]))
         return out
+
+
+def _average_across_ranks_(
+    grads: list[Tensor], found_inf: Tensor | None, group: dist.ProcessGroup
+) -> Tensor | None:
+    """Average ``grads`` in place over the ranks of ``group``, one all-reduce per dtype and
+    device (gloo has no AVG: sum, then divide). Returns ``found_inf`` summed over the ranks as
+    well, so a step that one rank must skip is skipped by all and ϕ stays identical."""
+    world = dist.get_world_size(group)
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    for bucket in buckets.values():
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for g, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(averaged)
+    if found_inf is not None:
+        found_inf = found_inf.clone()  # the scaler's own tensor keeps this rank's verdict
+        dist.all_reduce(found_inf, group=group)
+    return found_inf
 
 
 Gilder = GilderOptimizer

@@ -63,6 +63,16 @@ _DEFAULTS: dict[str, Any] = dict(
     differentiable=False,
 )
 
+# Options that only one base rule reads. torch's schedulers learn the rule from `defaults`
+# (OneCycleLR and CyclicLR cycle `betas` when `defaults` has them, else `momentum`), so
+# `defaults` holds only the constructor's rule; the others are back-filled into each group,
+# which keeps every group complete when it switches `base`.
+_RULE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "dampening", "nesterov"),
+    "adam": ("betas", "eps", "amsgrad"),
+    "adamw": ("betas", "eps", "amsgrad"),
+}
+
 
 def _validate_group(group: dict[str, Any]) -> None:
     lr = group["lr"]
@@ -135,6 +145,11 @@ class KintsugiOptimizer(Optimizer):
 
     State per parameter: torch's keys for the base rule plus ``phi`` (and ``rho``), float32 for
     bf16/fp16 parameters. :meth:`gilding` returns every ϕ.
+
+    ``defaults`` holds the options of the constructor's base rule only, as torch's SGD and Adam
+    do, so schedulers that look there (OneCycleLR and CyclicLR with ``cycle_momentum``) cycle
+    ``momentum`` for sgd and ``betas`` for adam/adamw; every param group still holds every option.
+    Under FSDP2 ϕ is a DTensor sharded like its parameter (see ``new_phi``).
     """
 
     def __init__(
@@ -175,6 +190,10 @@ class KintsugiOptimizer(Optimizer):
             positivity=positivity, maximize=maximize, foreach=foreach, fused=fused,
             capturable=capturable, differentiable=differentiable,
         )
+        # (An unknown base keeps every option here; add_param_group reports it.)
+        own = _RULE_OPTIONS.get(base, tuple(defaults))
+        others = {k for rule in _RULE_OPTIONS.values() for k in rule if k not in own}
+        self._other_rule_options = {k: defaults.pop(k) for k in sorted(others)}
         super().__init__(params, defaults)
         if fused:
             self._step_supports_amp_scaling = True
@@ -182,11 +201,15 @@ class KintsugiOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Validate the group as it will be, before the optimizer holds it: a bad value never
         # leaves a half-added group behind.
-        candidate = {**self.defaults, **param_group}
+        other_rule_options = getattr(self, "_other_rule_options", {})
+        candidate = {**other_rule_options, **self.defaults, **param_group}
         candidate["weight_decay"] = _resolved_weight_decay(candidate)
         _validate_group(candidate)
         super().add_param_group(param_group)
-        self.param_groups[-1]["weight_decay"] = candidate["weight_decay"]
+        group = self.param_groups[-1]
+        for key, value in other_rule_options.items():
+            group.setdefault(key, value)
+        group["weight_decay"] = candidate["weight_decay"]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -195,17 +218,34 @@ class KintsugiOptimizer(Optimizer):
                 group.setdefault(key, default)
             group["weight_decay"] = _resolved_weight_decay(group)
 
-    def _init_group(self, group: dict[str, Any]) -> dict[str, list]:
-        lists: dict[str, list] = {
-            k: [] for k in ("params", "grads", "phis", "rhos", "exp_avgs", "exp_avg_sqs",
-                            "max_exp_avg_sqs", "momentum_buffers", "state_steps")
-        }
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        phis: list[Tensor],
+        rhos: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Fill the lists with the group's parameters that have a gradient and their state,
+        creating state lazily; return whether any parameter is complex.
+
+        The signature is torch's convention (group, then the lists to fill), which
+        ``torch.compile`` relies on: dynamo runs ``_init_group`` eagerly instead of tracing it,
+        so ``step`` compiles to one graph.
+        """
+        has_complex = False
         base, fused = group["base"], group["fused"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("KintsugiOptimizer does not support sparse gradients")
+            has_complex |= torch.is_complex(p)
             state = self.state[p]
             if "phi" not in state:  # lazy state initialization, as torch's optimizers do
                 if fused:
@@ -227,21 +267,21 @@ class KintsugiOptimizer(Optimizer):
             if group["differentiable"] and base != "sgd" and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
 
-            lists["params"].append(p)
-            lists["grads"].append(p.grad)
-            lists["phis"].append(state["phi"])
-            if "rho" in state and group["positivity"] == "softplus":
-                lists["rhos"].append(state["rho"])
+            params.append(p)
+            grads.append(p.grad)
+            phis.append(state["phi"])
+            if group["positivity"] == "softplus":
+                rhos.append(state["rho"])
             if base == "sgd":
-                if group["momentum"] != 0:
-                    lists["momentum_buffers"].append(state.get("momentum_buffer"))
+                # torch's SGD: no momentum, no buffer (the functional step is given Nones).
+                momentum_buffers.append(state.get("momentum_buffer") if group["momentum"] else None)
             else:
-                lists["exp_avgs"].append(state["exp_avg"])
-                lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
                 if group["amsgrad"]:
-                    lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
-                lists["state_steps"].append(state["step"])
-        return lists
+                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                state_steps.append(state["step"])
+        return has_complex
 
     @_use_grad_for_differentiable
     def step(self, closure=None):
@@ -260,21 +300,30 @@ class KintsugiOptimizer(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            lists = self._init_group(group)
-            momentum_buffers = lists["momentum_buffers"]
-            if group["base"] == "sgd" and group["momentum"] == 0:
-                momentum_buffers = [None] * len(lists["params"])
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            phis: list[Tensor] = []
+            rhos: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            momentum_buffers: list[Tensor | None] = []
+            state_steps: list[Tensor] = []
+            self._init_group(
+                group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                momentum_buffers, state_steps,
+            )
             beta1, beta2 = group["betas"]
             sculpt(
-                lists["params"],
-                lists["grads"],
-                lists["phis"],
-                lists["rhos"] or None,
-                lists["exp_avgs"],
-                lists["exp_avg_sqs"],
-                lists["max_exp_avg_sqs"],
+                params,
+                grads,
+                phis,
+                rhos if group["positivity"] == "softplus" else None,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
                 momentum_buffers,
-                lists["state_steps"],
+                state_steps,
                 foreach=group["foreach"],
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),
@@ -304,7 +353,7 @@ class KintsugiOptimizer(Optimizer):
                 positivity=group["positivity"],
             )
             if group["base"] == "sgd" and group["momentum"] != 0:
-                for p, buf in zip(lists["params"], momentum_buffers):
+                for p, buf in zip(params, momentum_buffers):
                     self.state[p]["momentum_buffer"] = buf
         return loss
 
