@@ -1,0 +1,196 @@
+"""The fused Sculptor step: ``KintsugiOptimizer(fused=True)``.
+
+One param group's whole step (SPEC §2.3) — θ moved by the base rule scaled by ϕ, the fracture
+signal, ϕ gilded — in as few passes over memory as the maths allows:
+
+* **CPU**: a C++ kernel (``csrc/fused_sculpt.cpp``, ``at::vec`` + ``at::parallel_for``), built
+  on first use with ``torch.utils.cpp_extension.load`` and cached in the torch extensions
+  directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The one-off
+  build takes about 15 s on two cores and needs a C++ compiler and ninja; nothing is fetched.
+* **CUDA**: Triton kernels (:mod:`kintsugi_optim._fused_cuda`), imported only when a CUDA
+  tensor is stepped, so CPU-only installs need no triton.
+
+Every configuration runs fused: all bases and options, the three pathways, both fractures,
+ascents, positivities and normalisations, float32/float64/bfloat16/float16 parameters
+(complex ones as their real view). Like torch's fused Adam it honours ``GradScaler``:
+gradients are divided by ``grad_scale`` (and stored back unscaled) and, when ``found_inf`` is
+set, nothing changes — θ, ϕ, moments, step counts — without a host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["fused_sculpt"]
+
+_CSRC = Path(__file__).parent / "csrc"
+
+# Compiler flags of torch's own kernels for each CPU capability it dispatches to
+# (cmake/Codegen.cmake), with the CPU_CAPABILITY macros that select at::vec's vector width.
+# The capability is part of the extension's name, so a cache shared by machines of different
+# capabilities keeps one build per capability: unlike -march=native, a cached build never
+# runs on a CPU that lacks its instructions.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _cpu_kernel():
+    """``torch.ops.kintsugi.fused_sculpt_``, building the C++ extension on first use."""
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _ISA_FLAGS:
+        capability = "DEFAULT"  # at::vec's portable implementation (also NEON on arm64)
+    try:
+        load(
+            name=f"kintsugi_fused_cpu_{capability.lower()}",
+            sources=[str(_CSRC / "fused_sculpt.cpp")],
+            extra_include_paths=[str(_CSRC)],
+            extra_cflags=[
+                "-O3", "-fopenmp", *_ISA_FLAGS.get(capability, []),
+                f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+            ],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except (OSError, RuntimeError) as error:
+        raise RuntimeError(
+            "KintsugiOptimizer(fused=True) on CPU builds its C++ kernel on first use, which "
+            f"needs a C++ compiler and ninja (pip install ninja): {error}"
+        ) from error
+    return torch.ops.kintsugi.fused_sculpt_
+
+
+def _real(t: Tensor | None) -> Tensor | None:
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
+def fused_sculpt(
+    params: list[Tensor],
+    grads: list[Tensor],
+    phis: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    rhos: list[Tensor] | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    base: str,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+    pathway: str,
+    fracture: str,
+    beta: float,
+    gamma: float,
+    l1: float,
+    phi_min: float,
+    phi_max: float | None,
+    phi_norm: str | None,
+    ascent: str,
+    positivity: str,
+) -> None:
+    """The fused Sculptor step over one param group, in place; arguments as
+    :func:`kintsugi_optim.functional.sculpt` (state lists empty where the base rule has no such
+    state; ``None`` momentum buffers are created and stored back into ``momentum_buffers``).
+
+    ``grad_scale`` and ``found_inf`` are GradScaler's one-element float tensors on the
+    parameters' device. ``capturable`` needs nothing extra: neither kernel syncs with the host.
+
+    Raises:
+        RuntimeError: ``differentiable=True``; parameters on a device other than CPU or CUDA,
+            or of a dtype other than float32/64, bfloat16, float16 (or their complex forms);
+            CUDA without triton; the tensor pathway with one group spread over several devices.
+    """
+    if not params:
+        return
+    if differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    devices = {p.device for p in params}
+    for device in devices:
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(
+                f"KintsugiOptimizer(fused=True) runs on CPU and CUDA tensors, got a parameter on "
+                f"{device}; use foreach=True there"
+            )
+    for p in params:
+        if p.dtype not in _FUSED_DTYPES and not p.is_complex():
+            raise RuntimeError(
+                f"KintsugiOptimizer(fused=True) supports float32, float64, bfloat16 and float16 "
+                f"parameters, got {p.dtype}"
+            )
+    if pathway == "tensor" and len(devices) > 1:
+        raise RuntimeError(
+            "KintsugiOptimizer(fused=True, pathway='tensor') normalises ϕ over the param group, "
+            f"which spans {sorted(map(str, devices))}: put each device's parameters in a group"
+        )
+
+    if found_inf is not None and found_inf.device.type == "cpu" and found_inf.item():
+        return  # GradScaler skips this step (reading a CPU flag is no device sync)
+
+    # SGD's momentum buffers are born on the first step, holding that step's gradient. They are
+    # zeros until then: should GradScaler skip that first step on CUDA (the kernel cannot tell
+    # the host), the next step's buf = momentum·0 + (1 − dampening)·g is then still g with the
+    # default dampening=0.
+    fresh_momentum: list[bool] = []
+    buffers: list[Tensor] = []
+    if base == "sgd" and momentum != 0:
+        fresh_momentum = [b is None for b in momentum_buffers]
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                momentum_buffers[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+        buffers = list(momentum_buffers)
+    state = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers]
+    if any(p.is_complex() for p in params):  # every real component is a pathway
+        state = [[_real(t) for t in tensors] for tensors in state]
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers = state
+
+    options = dict(
+        base=base, beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
+        pathway=pathway, relative=fracture == "relative", beta=beta, gamma=gamma, l1=l1,
+        phi_min=phi_min, phi_max=phi_max, norm_mean=phi_norm == "mean",
+        multiplicative=ascent == "multiplicative", softplus=positivity == "softplus",
+    )
+    lists = (params, grads, phis, rhos or [], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers,
+             fresh_momentum, state_steps)
+    for device in devices:
+        if len(devices) == 1:
+            device_lists = lists
+        else:
+            keep = [i for i, p in enumerate(params) if p.device == device]
+            device_lists = tuple([t[i] for i in keep] if t else t for t in lists)
+        if device.type == "cpu":
+            _cpu_kernel()(
+                *device_lists, grad_scale, found_inf,
+                lr=lr.item() if isinstance(lr, Tensor) else lr, **options,
+            )
+        else:
+            try:
+                from kintsugi_optim._fused_cuda import fused_sculpt_cuda
+            except ImportError as error:
+                raise RuntimeError(
+                    "KintsugiOptimizer(fused=True) on CUDA runs Triton kernels: pip install triton"
+                ) from error
+            fused_sculpt_cuda(*device_lists, grad_scale, found_inf, lr=lr, **options)

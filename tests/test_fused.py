@@ -1,0 +1,319 @@
+"""KintsugiOptimizer(fused=True) against the single-tensor reference path (SPEC §2.3).
+
+One table of configurations (as torch's OptimizerInfo) drives the parity tests on every device:
+CPU in CI (the first test builds the C++ extension, about half a minute once per machine), CUDA
+where present (the Triton kernels).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kintsugi_optim import KintsugiOptimizer
+from kintsugi_optim import functional as F
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+
+# beta=0.2 makes gilding visible within a few steps.
+CONFIGS = {
+    "adam-default": dict(),
+    "adamw": dict(base="adamw"),
+    "adam-amsgrad-wd-maximize": dict(amsgrad=True, weight_decay=0.1, maximize=True),
+    "sgd-plain": dict(base="sgd"),
+    "sgd-momentum": dict(base="sgd", momentum=0.9),
+    "sgd-nesterov-wd": dict(base="sgd", momentum=0.9, nesterov=True, weight_decay=0.05),
+    "sgd-dampening-maximize": dict(base="sgd", momentum=0.8, dampening=0.3, maximize=True),
+    "row": dict(pathway="row"),
+    "row-sgd-abs": dict(pathway="row", base="sgd", momentum=0.9, fracture="abs"),
+    "tensor": dict(pathway="tensor"),
+    "tensor-adamw-abs-nonorm": dict(pathway="tensor", base="adamw", fracture="abs", phi_norm=None),
+    "abs-nonorm": dict(fracture="abs", phi_norm=None),
+    "damping-l1": dict(gamma=2.0, l1=0.3),
+    "multiplicative": dict(ascent="multiplicative"),
+    "softplus": dict(positivity="softplus"),
+    "softplus-row-nonorm": dict(positivity="softplus", pathway="row", phi_norm=None),
+    "softplus-tensor": dict(positivity="softplus", pathway="tensor", phi_max=1.3),
+    "bounds": dict(phi_min=0.95, phi_max=1.05, beta=1.0),
+}
+# Scalars, biases, rows of one element, odd row lengths, a row length of 16 bytes' multiple and
+# (on CUDA) tensors longer than one block, so whole blocks and tails both run.
+SHAPES = [(6, 5), (17,), (), (3, 4, 5), (1, 7), (70, 64), (41, 33)]
+
+
+def make_params(device, dtype=torch.float32, shapes=SHAPES):
+    generator = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=generator, dtype=dtype).to(device)) for s in shapes]
+
+
+def grads_for(params, step, scale=1.0):
+    generator = torch.Generator().manual_seed(100 + step)
+    return [(3 * scale * torch.randn(p.shape, generator=generator, dtype=p.dtype)).to(p.device)
+            for p in params]
+
+
+def run(params, steps=3, groups=None, **options):
+    """Steps `params` (as `groups` when given) with fresh gradients each step."""
+    options.setdefault("beta", 0.2)
+    options.setdefault("lr", 0.05)
+    opt = KintsugiOptimizer(groups or params, **options)
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+def assert_same(params_a, opt_a, params_b, opt_b, rtol=1e-5, atol=1e-6):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=rtol, atol=atol, msg=f"param {i}")
+        state_a, state_b = opt_a.state[a], opt_b.state[b]
+        assert state_a.keys() == state_b.keys()
+        for key, value in state_a.items():
+            torch.testing.assert_close(state_b[key].to(value.device), value, rtol=rtol, atol=atol,
+                                       msg=f"param {i}: state {key!r}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    """Build (or load from the cache) the CPU extension once, outside the timed tests."""
+    from kintsugi_optim._fused import _cpu_kernel
+
+    _cpu_kernel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_fused_equals_single_tensor(config, device):
+    reference, fused = make_params(device), make_params(device)
+    opt_ref = run(reference, foreach=False, **config)
+    opt_fused = run(fused, fused=True, **config)
+    assert_same(reference, opt_ref, fused, opt_fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pathway", ["element", "row"])
+def test_large_tensors_split_across_threads(pathway, device):
+    """Tensors past the CPU kernel's 2^18 elements are stepped by all threads together."""
+    shapes = [(520, 512), (300_001,)]
+    reference, fused = make_params(device, shapes=shapes), make_params(device, shapes=shapes)
+    opt_ref = run(reference, steps=2, foreach=False, pathway=pathway)
+    opt_fused = run(fused, steps=2, fused=True, pathway=pathway)
+    assert_same(reference, opt_ref, fused, opt_fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_is_exact_to_rounding(device):
+    reference, fused = make_params(device, torch.float64), make_params(device, torch.float64)
+    opt_ref = run(reference, foreach=False, pathway="row")
+    opt_fused = run(fused, fused=True, pathway="row")
+    assert_same(reference, opt_ref, fused, opt_fused, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_follow_the_float32_step(dtype, device):
+    """bf16/fp16 params: θ and moments stored in their dtype, ϕ in float32, all maths in float32
+    (so closer to a float32 run than the single-tensor path, which rounds after every op)."""
+    low = make_params(device, dtype)
+    high = [nn.Parameter(p.detach().float()) for p in low]
+    opt_low = KintsugiOptimizer(low, lr=0.05, beta=0.2, fused=True)
+    opt_high = KintsugiOptimizer(high, lr=0.05, beta=0.2, fused=True)
+    for step in range(3):
+        for p, q, g in zip(low, high, grads_for(low, step)):
+            p.grad, q.grad = g, g.float()
+        opt_low.step()
+        opt_high.step()
+    for p, q in zip(low, high):
+        assert p.dtype == dtype and opt_low.state[p]["phi"].dtype == torch.float32
+        torch.testing.assert_close(p.float(), q.detach(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(opt_low.state[p]["phi"], opt_high.state[q]["phi"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layouts_that_are_not_walked_flat(device):
+    """A transposed parameter with a contiguous grad and a channels_last conv weight under the
+    row pathway step like the reference."""
+    def params():
+        generator = torch.Generator().manual_seed(3)
+        transposed = nn.Parameter(torch.randn(12, 9, generator=generator).to(device).t())
+        conv = nn.Parameter(torch.randn(4, 3, 3, 3, generator=generator).to(device)
+                            .contiguous(memory_format=torch.channels_last))
+        return [transposed, conv]
+
+    for pathway in ("element", "row"):
+        reference, fused = params(), params()
+        opt_ref = KintsugiOptimizer(reference, lr=0.05, beta=0.2, pathway=pathway, foreach=False)
+        opt_fused = KintsugiOptimizer(fused, lr=0.05, beta=0.2, pathway=pathway, fused=True)
+        for step in range(2):
+            for a, b, g in zip(reference, fused, grads_for(reference, step)):
+                a.grad, b.grad = g.contiguous(), g.contiguous()
+            opt_ref.step()
+            opt_fused.step()
+        assert_same(reference, opt_ref, fused, opt_fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_pathway_spans_param_groups_separately(device):
+    """The tensor pathway's scope is each param group: two groups gild independently."""
+    def groups(params):
+        return [{"params": params[:3]}, {"params": params[3:], "lr": 0.01, "fracture": "abs"}]
+
+    reference, fused = make_params(device), make_params(device)
+    opt_ref = run(reference, groups=groups(reference), foreach=False, pathway="tensor")
+    opt_fused = run(fused, groups=groups(fused), fused=True, pathway="tensor")
+    assert_same(reference, opt_ref, fused, opt_fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", ["adam-default", "sgd-momentum", "row", "tensor"])
+def test_grad_scale_and_found_inf(config, device):
+    """As torch's fused Adam under GradScaler: grads divided by grad_scale (and stored back
+    unscaled); found_inf=1 leaves θ, ϕ, moments and step counts as they were."""
+    options = dict(CONFIGS[config], beta=0.2, lr=0.05)
+    reference, fused = make_params(device), make_params(device)
+    opt_ref = KintsugiOptimizer(reference, foreach=False, **options)
+    opt_fused = KintsugiOptimizer(fused, fused=True, **options)
+    scale = torch.tensor(1024.0, device=device)
+    for step in range(3):
+        for a, b, g, scaled in zip(reference, fused, grads_for(reference, step),
+                                   grads_for(reference, step, scale=1024.0)):
+            a.grad, b.grad = g, scaled
+        opt_ref.step()
+        opt_fused.grad_scale, opt_fused.found_inf = scale, torch.tensor(0.0, device=device)
+        opt_fused.step()
+        for a, b in zip(reference, fused):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=0)
+    assert_same(reference, opt_ref, fused, opt_fused)
+
+    before = copy.deepcopy((fused, opt_fused.state_dict()))
+    for b, g in zip(fused, grads_for(fused, 9)):
+        b.grad = g
+    opt_fused.grad_scale, opt_fused.found_inf = scale, torch.tensor(1.0, device=device)
+    opt_fused.step()
+    for p, q in zip(before[0], fused):
+        assert torch.equal(p, q)
+    for key, state in before[1]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_fused.state_dict()["state"][key][name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_as_tensor(device):
+    as_float, as_tensor = make_params(device), make_params(device)
+    opt_float = run(as_float, fused=True, lr=0.05)
+    opt_tensor = run(as_tensor, fused=True, lr=torch.tensor(0.05, device=device))
+    assert_same(as_float, opt_float, as_tensor, opt_tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_grads_keep_phi_finite_and_positive(device):
+    params = make_params(device)
+    opt = KintsugiOptimizer(params, fused=True, beta=0.5)
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+        if p.numel() > 1:
+            p.grad.view(-1)[0] = float("inf")
+    opt.step()
+    for p in params:
+        phi = opt.state[p]["phi"]
+        assert torch.isfinite(phi).all() and (phi > 0).all()
+
+
+def test_complex_params_step_as_their_real_view():
+    """Through the functional API (the optimizer's fused check refuses complex params, as
+    torch's does): every real component is a pathway, as on the single-tensor path."""
+    def state():
+        generator = torch.Generator().manual_seed(5)
+        p = torch.randn(4, 3, dtype=torch.complex64, generator=generator)
+        g = torch.randn(4, 3, dtype=torch.complex64, generator=generator)
+        phi = F.new_phi(p, "element", 1.0)
+        return p, g, phi, torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())
+
+    options = dict(
+        base="adam", lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, amsgrad=False, momentum=0.0,
+        dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, capturable=False,
+        differentiable=False, pathway="element", fracture="relative", beta=0.2, gamma=0.0,
+        l1=0.0, phi_min=1e-3, phi_max=None, phi_norm="mean", ascent="additive",
+        positivity="clamp",
+    )
+    results = []
+    for fused in (False, True):
+        p, g, phi, m, v, step = state()
+        F.sculpt([p], [g], [phi], None, [m], [v], [], [None], [step], foreach=False, fused=fused,
+                 **options)
+        results.append((p, phi, m, v))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# -- errors and defaults --------------------------------------------------------------------------
+
+
+def functional_args(p, dtype=None):
+    return dict(
+        params=[p], grads=[torch.ones_like(p)], phis=[torch.ones_like(p, dtype=dtype)], rhos=None,
+        exp_avgs=[torch.zeros_like(p)], exp_avg_sqs=[torch.zeros_like(p)], max_exp_avg_sqs=[],
+        momentum_buffers=[None], state_steps=[torch.zeros(())], base="adam", lr=0.1, beta1=0.9,
+        beta2=0.999, eps=1e-8, amsgrad=False, momentum=0.0, dampening=0.0, nesterov=False,
+        weight_decay=0.0, maximize=False, capturable=False, differentiable=False,
+        pathway="element", fracture="relative", beta=0.1, gamma=0.0, l1=0.0, phi_min=1e-3,
+        phi_max=None, phi_norm="mean", ascent="additive", positivity="clamp",
+    )
+
+
+def test_fused_and_foreach_together_raise():
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        F.sculpt(**functional_args(torch.ones(3)), foreach=True, fused=True)
+
+
+def test_unsupported_device_raises():
+    p = nn.Parameter(torch.ones(3, device="meta"))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        KintsugiOptimizer([p], fused=True).step()
+    with pytest.raises(RuntimeError, match="runs on CPU and CUDA tensors"):
+        F.sculpt(**functional_args(torch.ones(3, device="meta")), fused=True)
+
+
+def test_unsupported_dtype_raises():
+    with pytest.raises(RuntimeError, match="supports float32, float64, bfloat16 and float16"):
+        F.sculpt(**functional_args(torch.ones(3, dtype=torch.int32), torch.float32), fused=True)
+
+
+def test_fused_with_differentiable_raises():
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        KintsugiOptimizer([nn.Parameter(torch.ones(2))], fused=True, differentiable=True)
+
+
+def test_default_never_picks_fused(monkeypatch):
+    """fused=None keeps torch's rule: foreach or single-tensor, never fused by default."""
+    import kintsugi_optim._fused
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fused step taken by default")
+
+    monkeypatch.setattr(kintsugi_optim._fused, "fused_sculpt", refuse)
+    params = make_params("cpu")
+    run(params, steps=1)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_step_never_syncs_with_the_host():
+    params = make_params("cuda")
+    opt = KintsugiOptimizer(params, fused=True, lr=torch.tensor(0.05, device="cuda"))
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    opt.step()  # builds and caches the launch tables
+    opt.grad_scale = torch.tensor(2.0, device="cuda")
+    opt.found_inf = torch.tensor(0.0, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
