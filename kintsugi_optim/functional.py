@@ -284,23 +284,34 @@ def _single_tensor_gild(
             u.mul_((1 - gamma * phi).clamp_(min=0))
         if l1 != 0:
             u.sub_(l1)
-        # β multiplies u before it meets ϕ, so β may be a tensor (the Gilder's β·lr) without a
-        # host sync, and β = 0 leaves ϕ bitwise unchanged.
-        u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(beta)
+        u.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        rate = _fold_tensor_rate_(u, beta)
         if rhos is not None:
             rho = rhos[i]
-            rho.addcmul_(u, torch.sigmoid(rho))
+            rho.addcmul_(u, torch.sigmoid(rho), value=rate)
             phi.copy_(F.softplus(rho))
         elif ascent == "additive":
-            phi.add_(u)
+            phi.add_(u, alpha=rate)  # β = 0 leaves ϕ bitwise unchanged: u is finite
         else:
-            phi.mul_(u.exp_())
+            phi.mul_(u.mul_(rate).exp_())
         phi.clamp_(phi_min, _phi_cap(phi, phi_max, phi_norm))
         if phi_norm == "mean":
             phi.mul_(phi.numel() / phi.sum())
             phi.clamp_(min=torch.finfo(phi.dtype).tiny)
         if rhos is not None:
             rhos[i].copy_(softplus_inverse(phi))
+
+
+def _fold_tensor_rate_(u: Tensor | list[Tensor], beta: float | Tensor) -> float:
+    """The rate to apply as a scalar. A tensor β (the Gilder's β·lr with a tensor lr) is
+    multiplied into u here instead, since a tensor ``alpha`` would cost a host sync."""
+    if not isinstance(beta, Tensor):
+        return beta
+    if isinstance(u, Tensor):
+        u.mul_(beta)
+    else:
+        torch._foreach_mul_(u, beta)
+    return 1.0
 
 
 def _zero_nonfinite_(tensors: list[Tensor]) -> None:
@@ -334,13 +345,14 @@ def _multi_tensor_gild(
         if l1 != 0:
             torch._foreach_sub_(u, l1)
         _zero_nonfinite_(u)
-        torch._foreach_mul_(u, beta)
+        rate = _fold_tensor_rate_(u, beta)
         if rhos:
-            torch._foreach_addcmul_(device_rhos, u, torch._foreach_sigmoid(device_rhos))
+            torch._foreach_addcmul_(device_rhos, u, torch._foreach_sigmoid(device_rhos), rate)
             torch._foreach_copy_(device_phis, _foreach_softplus(device_rhos))
         elif ascent == "additive":
-            torch._foreach_add_(device_phis, u)
+            torch._foreach_add_(device_phis, u, alpha=rate)
         else:
+            torch._foreach_mul_(u, rate)
             torch._foreach_exp_(u)
             torch._foreach_mul_(device_phis, u)
         del u
@@ -594,17 +606,16 @@ def _multi_tensor_sculpt(
                     torch.view_as_real(t) if t is not None and t.is_complex() else t
                     for t in device_lists[k]
                 ]
-        out_phis += device_phis
-        out_fractures += _foreach_fracture(device_grads, device_phis, pathway)
         phis_b = [_broadcast(phi, p) for phi, p in zip(device_phis, device_params)]
-
+        raw_grads = device_grads  # never written below: the fracture is taken from them
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
         if is_sgd:
             _multi_tensor_sgd_direction_step(
                 device_params, device_grads, phis_b, cast(list, device_lists[3]),
-                [params[k] for k in indices], momentum_buffers, indices, lr=lr, momentum=momentum, dampening=dampening,
-                nesterov=nesterov, weight_decay=weight_decay, maximize=maximize,
+                [params[k] for k in indices], momentum_buffers, indices, lr=lr,
+                momentum=momentum, dampening=dampening, nesterov=nesterov,
+                weight_decay=weight_decay, maximize=maximize,
             )
         else:
             _multi_tensor_adam_direction_step(
@@ -612,6 +623,10 @@ def _multi_tensor_sculpt(
                 beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
                 weight_decay=weight_decay, maximize=maximize, capturable=capturable,
             )
+        # |g| after the step's own temporaries are freed: the peak stays one parameter-sized
+        # buffer, as for torch's foreach Adam.
+        out_phis += device_phis
+        out_fractures += _foreach_fracture(raw_grads, device_phis, pathway)
     return out_phis, out_fractures
 
 
