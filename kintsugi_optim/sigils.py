@@ -59,7 +59,10 @@ def _reference_lines(line, mean: float | None = None) -> None:
 def _finish(figure, title: str, path: str | os.PathLike | None):
     handles, labels = figure.axes[0].get_legend_handles_labels()
     figure.suptitle(title, fontsize=13)
-    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    # About 2.3 inches per legend entry, so a narrow figure wraps its legend instead of clipping it.
+    per_row = max(1, int(figure.get_figwidth() // 2.3))
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), per_row),
+                  frameon=False)
     if path is not None:
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         figure.savefig(path, dpi=110)
@@ -182,6 +185,11 @@ def plot_phi_evolution(
         ax.plot(steps, stats[centre], color=INK, linewidth=1.5, marker=marker,
                 label="median ϕ" if centre == "q50" else "mean ϕ")
         _reference_lines(ax.axhline)
+        low, high = ax.get_ylim()
+        if high - low < 0.1:  # ϕ pinned (e.g. two logits that always fracture alike): show it
+            middle = (low + high) / 2  # flat, not rounding noise blown up to fill the panel
+            ax.set_ylim(middle - 0.05, middle + 0.05)
+        ax.ticklabel_format(axis="y", useOffset=False)
         pathways = int(stats["histogram"].sum(1).max())  # every pathway falls in some bin
         ax.set_title(f"{titles[name]} — {pathways:,} pathways", fontsize=10)
         ax.set_xlabel("training step (recorded)")

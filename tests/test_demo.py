@@ -1,0 +1,85 @@
+"""The main job, `python -m kintsugi_optim demo`, run as a user runs it (in a subprocess)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_demo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kintsugi_optim", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def metrics_tables(stdout: str) -> str:
+    """The printed tables without the wall-time section, which differs between runs."""
+    return stdout.split("Wall time per run")[0]
+
+
+@pytest.fixture(scope="module")
+def two_quick_runs(tmp_path_factory):
+    outs = [tmp_path_factory.mktemp(f"demo{i}") for i in range(2)]
+    return [(run_demo("demo", "--quick", "--seeds", "2", "--out", str(out)), out) for out in outs]
+
+
+def test_quick_demo_prints_the_tables_and_writes_its_files(two_quick_runs):
+    result, out = two_quick_runs[0]
+    assert result.returncode == 0, result.stderr
+    tables = metrics_tables(result.stdout)
+    assert "Rare event" in tables and "Spurious correlation" in tables
+    for column in ("balanced acc.", "minority recall", "worst-group acc."):
+        assert column in tables
+    for method in ("Adam", "Adam + reweighted CE", "Sculptor (element)", "Sculptor (row)",
+                   "VWPR + Adam + Gilder", "SGD", "VWPR + SGD + Gilder",
+                   "GildedLoss (additive)", "GildedLoss (Group DRO)"):
+        assert sum(line.split("  ")[0] == method for line in tables.splitlines()) == 2, method
+    cells = re.findall(r"\d\.\d{3} ± \d\.\d{3}", tables)
+    assert len(cells) == 2 * 9 * 3  # two tasks, nine methods, three metrics
+    payload = json.loads((out / "results.json").read_text())
+    assert {"runs", "summary", "command", "torch", "date"} <= set(payload)
+    assert len(payload["runs"]) == 2 * 9 * 2
+    assert "| method |" in (out / "results.md").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 12
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in pngs)
+
+
+def test_the_same_command_prints_the_same_table(two_quick_runs):
+    (first, _), (second, _) = two_quick_runs
+    assert metrics_tables(first.stdout) == metrics_tables(second.stdout)
+
+
+@pytest.mark.parametrize("args,problem", [
+    (["--tasks", "rare,mnist"], "unknown task mnist"),
+    (["--steps", "0"], "--steps"),
+    (["--seeds", "-2"], "--seeds"),
+    (["--steps", "many"], "--steps"),
+    (["--out", "/dev/null/out"], "--out '/dev/null/out' is not writable"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, problem):
+    result = run_demo("demo", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_is_a_usage_error():
+    result = run_demo("demo", "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("kintsugi-demo: error: --device cuda: no CUDA device is "
+                                     "available (use --device cpu)")
+
+
+def test_help_lists_the_options():
+    result = run_demo("demo", "--help")
+    assert result.returncode == 0
+    for option in ("--tasks", "--seeds", "--steps", "--out", "--device", "--quick"):
+        assert option in result.stdout
