@@ -60,6 +60,19 @@ SCULPTORS = [
 ]
 
 
+def backward_and_step(loss, optimizers, scaler):
+    """``loss.backward()`` and each optimizer's step, through ``scaler`` when one is given."""
+    if scaler is None:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+
+
 def _id(options):
     return "-".join(str(v) for v in options.values())
 
@@ -72,14 +85,7 @@ def test_sculptor_scaled_run_equals_unscaled_run(options):
         opt = KintsugiOptimizer(model.parameters(), lr=0.01, beta=0.1, **options)
         for _ in range(4):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            backward_and_step(F.cross_entropy(model(x), y), [opt], scaler)
         runs.append(snapshot(model, opt))
     assert_same_state(*runs)
 
@@ -200,16 +206,7 @@ def test_gilder_scaled_run_equals_unscaled_run(options):
         for _ in range(4):
             opt.zero_grad()
             gilder.zero_grad()
-            loss = gilded_loss(model, criterion, data)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-                gilder.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.step(gilder)
-                scaler.update()
+            backward_and_step(gilded_loss(model, criterion, data), [opt, gilder], scaler)
         runs.append((criterion.phi.detach().clone(), criterion.phi.grad.clone(),
                      copy.deepcopy(gilder.state_dict()["state"])))
     (phi_a, grad_a, state_a), (phi_b, grad_b, state_b) = runs
@@ -286,13 +283,7 @@ def _autocast_training(device, dtype, steps=20):
         opt.zero_grad()
         with torch.autocast(device, dtype=dtype):
             loss = F.cross_entropy(model(x), y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        backward_and_step(loss, [opt], scaler)
         losses.append(loss.item())
     for p in model.parameters():
         phi = opt.state[p]["phi"]
