@@ -11,8 +11,9 @@ signal, ϕ gilded — in as few passes over memory as the maths allows:
   tensor is stepped, so CPU-only installs need no triton.
 
 Every configuration runs fused: all bases and options, the three pathways, both fractures,
-ascents, positivities and normalisations, float32/float64/bfloat16/float16 parameters
-(complex ones as their real view). Like torch's fused Adam it honours ``GradScaler``:
+ascents, positivities and normalisations, float32/float64/bfloat16/float16 parameters.
+(Complex parameters step as their real view through the functional API; the optimizer, like
+torch's fused optimizers, refuses them with ``fused=True``.) Like torch's fused Adam it honours ``GradScaler``:
 gradients are divided by ``grad_scale`` (and stored back unscaled) and, when ``found_inf`` is
 set, nothing changes — θ, ϕ, moments, step counts — without a host sync.
 """

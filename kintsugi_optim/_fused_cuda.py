@@ -351,7 +351,7 @@ def _row_step_kernel(
 @triton.jit
 def _normalise_block(tensors, row, t, offs, mask, numel, sums, PHI_DTYPE: tl.constexpr, CT: tl.constexpr,
                      TINY: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
-    factor = (1.0 / tl.load(sums + 2 * t + 1).to(CT)) * numel.to(CT)
+    factor = numel.to(CT) / tl.load(sums + 2 * t + 1).to(CT)  # one rounding: ϕ ≡ 1 stays 1
     phi_ptr = _address(tensors, row, _PHI, PHI_DTYPE, ALIGNED) + offs
     out = tl.maximum(tl.load(phi_ptr, mask=mask).to(CT) * factor, _scalar(TINY, CT))
     tl.store(phi_ptr, out.to(PHI_DTYPE), mask=mask)
@@ -441,7 +441,7 @@ def _gild_scopes_kernel(
     if NORM:
         # The normalisation reads ϕ' that other threads of this program wrote.
         tl.debug_barrier()
-        factor = (1.0 / tl.sum(phi_total, axis=0)) * tl.cast(n, CT)
+        factor = tl.cast(n, CT) / tl.sum(phi_total, axis=0)
         for start in range(0, n, CHUNK):
             idx = start + lanes
             mask = (idx < n) & live

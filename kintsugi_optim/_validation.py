@@ -20,16 +20,16 @@ def require_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     require(value in choices, name, value, f"must be one of {choices}")
 
 
-def _number(value: Any) -> float:
+def _number(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        require(value.numel() == 1, "lr", value, "a tensor lr must have one element")
+        require(value.numel() == 1, name, value, "a tensor must have one element")
         return float(value.detach().cpu())  # construction time, not step(): no sync concern
     return value
 
 
 def require_nonnegative(name: str, value: Any) -> None:
     """``value`` is a finite number ≥ 0 (a one-element tensor is accepted)."""
-    number = _number(value)
+    number = _number(name, value)
     require(
         isinstance(number, (int, float)) and not isinstance(number, bool)
         and math.isfinite(number) and number >= 0,

@@ -18,6 +18,7 @@ or the groups (``spurious``), which the training loop knows, as Group DRO assume
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -281,8 +282,6 @@ def train_one(task: Task, method: Method, seed: int, steps: int, device: torch.d
         trainer.step(x[idx], y[idx], g[idx])
     with torch.no_grad():
         logits = (trainer.forward or model)(task.test[0].to(device)).cpu()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     metrics = evaluate(logits, task)
     metrics["wall_time_s"] = time.perf_counter() - start
     return metrics, trainer
@@ -365,15 +364,12 @@ def report(results: dict, tasks: list[str], *, seeds: int, steps: int, device: t
         terminal.append(f"\n{titles[name]} — test metrics, mean ± std over {seeds} seeds\n{table}")
         markdown.append(f"\n## {titles[name]}\n\n" + format_table(results["summary"], name,
                                                                   markdown=True))
-    timing = format_table(
-        {"time": {method: {task: results["summary"][task][method]["wall_time_s"] for task in tasks}
-                  for method in results["summary"][tasks[0]]}},
-        "time", columns=tasks)
+    times = {"time": {method: {task: results["summary"][task][method]["wall_time_s"]
+                               for task in tasks} for method in results["summary"][tasks[0]]}}
+    timing = format_table(times, "time", columns=tasks)
     terminal.append(f"\nWall time per run in seconds (varies between runs and machines)\n{timing}")
-    markdown.append("\n## Wall time per run (s)\n")
-    for name in tasks:
-        markdown.append(format_table(results["summary"], name, markdown=True,
-                                     columns=["wall_time_s"]) + "\n")
+    markdown.append("\n## Wall time per run (s)\n\nVaries between runs and machines.\n\n"
+                    + format_table(times, "time", markdown=True, columns=tasks))
     return "\n".join(terminal), "\n".join(markdown)
 
 
@@ -395,25 +391,23 @@ SIGIL_METHODS = {"Sculptor (row)": "sculptor", "VWPR + SGD + Gilder": "vwpr",
 def _write_sigils(trainers: dict, tasks: list[str], out: Path) -> list[Path]:
     """Per task, for the seed-0 run of each method in :data:`SIGIL_METHODS`: the ϕ histograms
     at the end of training and ϕ's evolution over it (nothing without matplotlib)."""
-    try:
-        from kintsugi_optim import sigils
-
-        written = []
-        for task in tasks:
-            for method, slug in SIGIL_METHODS.items():
-                trainer = trainers[(task, method)]
-                path = out / f"sigils_{task}_{slug}.png"
-                sigils.plot_phi_distribution(
-                    trainer.gilded, title=f"{method}: ϕ at the end of training, {task} task",
-                    path=path)
-                written.append(path)
-                path = out / f"phi_evolution_{task}_{slug}.png"
-                sigils.plot_phi_evolution(
-                    trainer.history, title=f"{method}: ϕ over training, {task} task", path=path)
-                written.append(path)
-        return written
-    except ImportError:  # matplotlib (the viz extra) is missing: tables only
+    if importlib.util.find_spec("matplotlib") is None:  # the viz extra: tables only
         return []
+    from kintsugi_optim import sigils
+
+    written = []
+    for task in tasks:
+        for method, slug in SIGIL_METHODS.items():
+            trainer = trainers[(task, method)]
+            path = out / f"sigils_{task}_{slug}.png"
+            sigils.plot_phi_distribution(
+                trainer.gilded, title=f"{method}: ϕ at the end of training, {task} task", path=path)
+            written.append(path)
+            path = out / f"phi_evolution_{task}_{slug}.png"
+            sigils.plot_phi_evolution(
+                trainer.history, title=f"{method}: ϕ over training, {task} task", path=path)
+            written.append(path)
+    return written
 
 
 def environment() -> dict:

@@ -18,7 +18,7 @@ on CUDA), and :func:`sculpt` also dispatches to a fused kernel (:mod:`kintsugi_o
 
 from __future__ import annotations
 
-import math
+import functools
 import sys
 from typing import cast
 
@@ -296,7 +296,7 @@ def _single_tensor_gild(
             phi.mul_(u.mul_(rate).exp_())
         phi.clamp_(phi_min, _phi_cap(phi, phi_max, phi_norm))
         if phi_norm == "mean":
-            phi.mul_(phi.numel() / phi.sum())
+            phi.div_(phi.sum() / phi.numel())  # one rounding: ϕ ≡ 1 stays exactly 1
             phi.clamp_(min=torch.finfo(phi.dtype).tiny)
         if rhos is not None:
             rhos[i].copy_(softplus_inverse(phi))
@@ -361,10 +361,10 @@ def _multi_tensor_gild(
             device_phis, [_phi_cap(p, phi_max, phi_norm) for p in device_phis]
         )
         if phi_norm == "mean":
-            # ϕ ≥ phi_min > 0, so the L1 norm is the sum.
-            factors = torch._foreach_reciprocal(torch._foreach_norm(device_phis, 1))
-            factors = torch._foreach_mul(factors, [float(p.numel()) for p in device_phis])
-            torch._foreach_mul_(device_phis, factors)
+            # ϕ / mean(ϕ), the mean rounded once, so ϕ ≡ 1 stays exactly 1 (β = 0 is torch).
+            means = torch._foreach_norm(device_phis, 1)  # ϕ ≥ phi_min > 0: the sum
+            means = torch._foreach_div(means, [float(p.numel()) for p in device_phis])
+            torch._foreach_div_(device_phis, means)
             torch._foreach_clamp_min_(device_phis, torch.finfo(device_phis[0].dtype).tiny)
         if rhos:
             neg = torch._foreach_neg(device_phis)
@@ -399,8 +399,12 @@ def gild_pathways(
         return
     if pathway == "tensor":
 
+        # One vector for the group's scope, in the widest dtype present (an fp64 ϕ beside fp32
+        # ones keeps its precision) and on the first ϕ's device.
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in phis))
+
         def stacked(tensors):
-            return [torch.stack([t.to(phis[0]) for t in tensors])]
+            return [torch.stack([t.to(phis[0].device, dtype) for t in tensors])]
 
         scope_phis, scope_fractures = stacked(phis), stacked(fractures)
         scope_rhos = stacked(rhos) if rhos else None

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from kintsugi_optim._validation import require, require_choice, require_nonnegative, validate_gilding
+from kintsugi_optim._validation import require_choice, require_nonnegative, validate_gilding
 from kintsugi_optim.functional import FRACTURES, gilder_step, softplus_inverse
 
 __all__ = ["GilderOptimizer", "Gilder"]
@@ -172,8 +172,9 @@ class GilderOptimizer(Optimizer):
             grads.append(phi.grad)
             if group["positivity"] == "softplus":
                 state = self.state[phi]
-                if "rho" not in state:
-                    state["rho"] = softplus_inverse(phi.detach().clone())
+                # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
+                # (a loaded module, an edit) is never overwritten from a stale ρ.
+                state["rho"] = softplus_inverse(phi.detach())
                 rhos.append(state["rho"])
         return phis, grads, rhos
 

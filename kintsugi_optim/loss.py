@@ -109,9 +109,9 @@ class GildedLoss(nn.Module):
         if not (isinstance(losses, Tensor) and losses.dim() == 1 and losses.is_floating_point()):
             _invalid("losses", losses, "expected per-sample losses, a 1-d floating tensor [B]: "
                      "compute the base loss with reduction='none'")
-        if not (isinstance(groups, Tensor) and not groups.is_floating_point()
-                and not groups.is_complex() and groups.dtype != torch.bool):
-            _invalid("groups", groups, "expected an integer tensor of group ids")
+        if not (isinstance(groups, Tensor) and groups.dtype in (torch.int32, torch.int64)):
+            _invalid("groups", groups, "expected an int64 or int32 tensor of group ids "
+                     "(a uint8 or bool tensor would index as a mask)")
         if groups.shape != losses.shape:
             _invalid("groups", groups, f"must have the shape of losses, {tuple(losses.shape)}")
         out_of_range = (groups < 0) | (groups >= self.num_groups)

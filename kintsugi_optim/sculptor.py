@@ -251,7 +251,14 @@ class KintsugiOptimizer(Optimizer):
                 if fused:
                     _device_dtype_check_for_fused(p)
                 state["phi"] = new_phi(p, group["pathway"], group["phi_init"])
-            if group["positivity"] == "softplus" and "rho" not in state:
+            if tuple(state["phi"].shape) != tuple(phi_shape(p, group["pathway"])):
+                raise ValueError(
+                    f"Invalid pathway: {group['pathway']!r} for a parameter of shape "
+                    f"{tuple(p.shape)} whose ϕ has shape {tuple(state['phi'].shape)} from an "
+                    "earlier pathway; ϕ cannot change pathway mid-training")
+            if group["positivity"] == "softplus":
+                # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
+                # (a switch of positivity, an edit) is never overwritten from a stale ρ.
                 state["rho"] = softplus_inverse(state["phi"])
             if base != "sgd" and "step" not in state:
                 # torch keeps `step` on the CPU unless capturable/fused (kernel launches are costly).

@@ -16,7 +16,6 @@ that compare ranks run here, in the test.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -96,3 +96,19 @@ def test_gilder_rejects_non_positive_or_integer_phi_and_stays_intact():
     with pytest.raises(ValueError, match="Invalid phi.*floating"):
         opt.add_param_group({"params": [torch.ones(2, dtype=torch.long)]})
     assert len(opt.param_groups) == 1
+
+
+def test_tensor_hyperparameter_errors_name_their_own_argument():
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"Invalid beta: tensor\(\[1\., 2\.\]\)"):
+        KintsugiOptimizer([p], beta=torch.tensor([1.0, 2.0]))
+
+
+def test_changing_pathway_after_phi_exists_raises_naming_it():
+    p = torch.zeros(4, 3, requires_grad=True)
+    opt = KintsugiOptimizer([p])
+    p.grad = torch.ones(4, 3)
+    opt.step()
+    opt.param_groups[0]["pathway"] = "row"
+    with pytest.raises(ValueError, match=r"Invalid pathway: 'row'.*\(4, 3\)"):
+        opt.step()

@@ -86,3 +86,15 @@ def test_gilder_state_dict_round_trip_keeps_rho():
     assert torch.equal(phi, phi2)
     assert math.isclose(torch.nn.functional.softplus(opt.state[phi]["rho"])[0].item(),
                         phi[0].item(), rel_tol=1e-6)
+
+
+def test_softplus_rho_follows_phi_changed_from_outside():
+    phi = torch.ones(3, requires_grad=True)
+    opt = GilderOptimizer([phi], positivity="softplus", beta=0.5)
+    phi.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    with torch.no_grad():
+        phi.fill_(5.0)  # e.g. a loaded checkpoint of the module holding ϕ
+    phi.grad = torch.zeros(3)
+    opt.step()
+    torch.testing.assert_close(phi.detach(), torch.full((3,), 5.0))

@@ -129,7 +129,8 @@ def test_gilding_state_dict_and_repr():
 @pytest.mark.parametrize("losses,groups,match", [
     (torch.ones(4, 2), torch.zeros(4, dtype=torch.long), r"Invalid losses: tensor of shape \(4, 2\)"),
     (torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), r"Invalid losses: .*torch.int64"),
-    (torch.ones(4), torch.zeros(4), r"Invalid groups: .*torch.float32.*integer"),
+    (torch.ones(4), torch.zeros(4), r"Invalid groups: .*torch.float32.*int64 or int32"),
+    (torch.ones(4), torch.zeros(4, dtype=torch.uint8), r"Invalid groups: .*torch.uint8.*mask"),
     (torch.ones(4), torch.zeros(3, dtype=torch.long), r"Invalid groups: tensor of shape \(3,\).*\(4,\)"),
     (torch.ones(4), torch.tensor([0, 3, 7, 3]), r"Invalid groups: \[3, 7\].*\[0, 3\)"),
     (torch.ones(2), torch.tensor([-1, 0]), r"Invalid groups: \[-1\]"),

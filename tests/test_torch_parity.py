@@ -94,3 +94,21 @@ def test_float64_and_default_construction_match_torch():
     ours, theirs = run_pair("adam", torch.optim.Adam, {}, foreach=False, dtype=torch.float64)
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_beta_zero_keeps_phi_exactly_one_whatever_the_size(impl):
+    # Mean normalisation must not drift ϕ ≡ 1 by a rounding (it did for n = 41, 47, 55, ...).
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 130):
+        p = torch.randn(n, generator=g, requires_grad=True)
+        q = p.detach().clone().requires_grad_()
+        sculptor = KintsugiOptimizer([p], beta=0.0, **{impl: True})
+        adam = torch.optim.Adam([q], **{impl: True})
+        for _ in range(3):
+            grad = torch.randn(n, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+            sculptor.step()
+            adam.step()
+        assert torch.equal(sculptor.state[p]["phi"], torch.ones(n)), n
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -5,7 +5,7 @@
 // back so its buffers are still in cache:
 //
 //   element: [Σ|g| if fracture="relative"] → θ step and gilding in one loop, Σϕ'
-//            → [ϕ ← ϕ·n/Σϕ' if phi_norm="mean"]
+//            → [ϕ ← ϕ·(n/Σϕ') if phi_norm="mean"]
 //   row:     θ step accumulating each row's Σ|g| → gild the row vector ϕ
 //   tensor:  θ step accumulating Σ|g| → after every tensor, gild the group's ϕ vector
 //
@@ -149,7 +149,7 @@ void gild_vector(const Options& o, T* phi, T* rho, T* l, int64_t n) {
     phi_sum.add_first(out, count);
   });
   if (o.norm_mean) {
-    normalise(phi, gd.softplus ? rho : nullptr, n, (T(1) / static_cast<T>(phi_sum.total())) * T(n));
+    normalise(phi, gd.softplus ? rho : nullptr, n, static_cast<T>(double(n) / phi_sum.total()));
   }
 }
 
@@ -390,7 +390,7 @@ class SlotStep {
       return element_pass(b, e, gd, inv_mean);
     });
     if (o_.norm_mean) {
-      const T factor = (T(1) / static_cast<T>(phi_sum)) * T(n_);
+      const T factor = static_cast<T>(double(n_) / phi_sum);  // one rounding: ϕ ≡ 1 stays 1
       sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
         normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
         return 0.0;
