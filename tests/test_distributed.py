@@ -87,6 +87,17 @@ def assert_ranks_identical(per_rank):
         assert torch.equal(first, other), f"ranks differ by {(first - other).abs().max():.3g}"
 
 
+def assert_matches_one_process(results):
+    """For jobs returning (ϕ, θ, ϕ and θ of one process on the global batch): the ranks agree
+    bitwise, match that process, and ϕ was really gilded."""
+    assert_ranks_identical([r[0] for r in results])
+    assert_ranks_identical([r[1] for r in results])
+    phi, theta, ref_phi, ref_theta = results[0]
+    torch.testing.assert_close(phi, ref_phi, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theta, ref_theta, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(phi, torch.ones_like(phi))
+
+
 # -- DDP -----------------------------------------------------------------------------------------
 
 
@@ -216,13 +227,7 @@ def test_ddp_gilded_loss_phi_follows_the_global_batch(pool, reduction, equal_cou
     """ϕ.grad averaged over the ranks is the global batch's ϕ.grad when each rank's batch has
     the same size and, for "mean"/"sum" (per-group means), the same count of every group — the
     rule docs/distributed.md states. "sample" needs equal batch sizes only."""
-    results = pool.run(ddp_gilded_loss_job, reduction, equal_counts)
-    assert_ranks_identical([r[0] for r in results])
-    assert_ranks_identical([r[1] for r in results])
-    phi, theta, ref_phi, ref_theta = results[0]
-    torch.testing.assert_close(phi, ref_phi, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(theta, ref_theta, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(phi, torch.ones_like(phi))
+    assert_matches_one_process(pool.run(ddp_gilded_loss_job, reduction, equal_counts))
 
 
 def gilder_grad_scaler_job():
@@ -402,13 +407,10 @@ def test_fsdp2_phi_is_sharded_like_its_parameter_and_matches_unsharded(pool, opt
     each rank holding its own rows' ϕ (uneven shards included), the tensor pathway's ϕ
     replicated. Reductions (row means, scope means) span the shards, so the gathered θ and ϕ
     match an unsharded run on the global batch."""
-    results = pool.run(fsdp2_job, options)
-    assert_ranks_identical([r[0] for r in results])
-    assert_ranks_identical([r[1] for r in results])
-    params, phis, ref_params, ref_phis = results[0]
-    torch.testing.assert_close(params, ref_params, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(phis, ref_phis, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(phis, torch.ones_like(phis))
+    # The job returns (θ, ϕ, reference θ, reference ϕ): reorder to the helper's (ϕ, θ, ...).
+    results = [(phis, params, ref_phis, ref_params)
+               for params, phis, ref_params, ref_phis in pool.run(fsdp2_job, options)]
+    assert_matches_one_process(results)
 
 
 def fsdp2_checkpoint_job(path, full_state_dict):
