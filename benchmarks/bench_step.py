@@ -18,6 +18,13 @@ medians are reported, and the Kintsugi ÷ torch ratio is a ratio of medians of o
   ``torch.cuda.max_memory_allocated``. CPU: the running total of torch's CPU allocator events
   recorded by ``torch.profiler`` (``profile_memory=True``) over one step, at its peak.
 
+* **allocator**: by default (``--malloc steady``) glibc is told to keep memory it has been given
+  (no trimming, mmap only above 32 MiB), so that a step's temporaries are not page-faulted in
+  afresh at every step. With glibc's default settings a foreach step that frees tens of MB of
+  temporaries at once hands them back to the OS and faults them in again at the next step:
+  that costs torch's foreach Adam 2-5× its time at 10M parameters, depending on what else lies
+  on the heap, and swamps the comparison. ``--malloc default`` measures it as it comes.
+
 Results go to ``benchmarks/results/step-<device>-<date>.{json,md}``; the markdown ends with
 the issue's targets, checked where the run measured them.
 
@@ -33,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import platform
@@ -164,6 +172,16 @@ def peak_step_bytes(opt, device: str) -> int:
     return peak
 
 
+def steady_malloc() -> bool:
+    """Keep glibc from returning freed memory to the OS (see the module docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    return bool(libc.mallopt(m_trim_threshold, 2**30) and libc.mallopt(m_mmap_threshold, 2**25))
+
+
 def copy_bandwidth(device: str, n_bytes: int, rounds: int) -> float:
     """GB/s of dst.copy_(src), counting bytes read and written."""
     n = max(n_bytes // 4, 1 << 20)
@@ -231,7 +249,8 @@ def markdown(meta: dict, entries: list[Entry]) -> str:
         "",
         f"{meta['date']} · {meta['host']} · torch {meta['torch']} · kintsugi_optim "
         f"{meta['kintsugi_optim']} ({meta['commit']}) · {meta['rounds']} rounds, medians · "
-        f"copy bandwidth {meta['copy_gbps']:.0f} GB/s (read + write)",
+        f"copy bandwidth {meta['copy_gbps']:.0f} GB/s (read + write) · allocator: "
+        f"{meta.get('malloc', 'default')}",
         "",
         "ratio = Kintsugi ÷ torch, same base rule and implementation; GB/s = bytes the step "
         "must move ÷ time; state = persistent optimizer state; peak = transient memory of a "
@@ -340,8 +359,12 @@ def main() -> None:
     parser.add_argument("--cuda-steps", type=int, default=10, help="steps per CUDA timing")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                        help="steady: glibc keeps freed memory, so steps do not page-fault "
+                             "their temporaries in again; default: glibc as it comes")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    malloc = "steady" if args.malloc == "steady" and steady_malloc() else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -364,7 +387,7 @@ def main() -> None:
             device_name=machine(device), torch=torch.__version__,
             kintsugi_optim=kintsugi_optim.__version__, commit=git_commit(), rounds=args.rounds,
             copy_gbps=copy_bandwidth(device, 4 * max(c.params for c in cases), args.rounds),
-            argv=sys.argv[1:],
+            malloc=malloc if device == "cpu" else "cuda caching allocator", argv=sys.argv[1:],
         )
         print(f"# {meta['device_name']}: copy {meta['copy_gbps']:.0f} GB/s", flush=True)
         entries: list[Entry] = []

@@ -12,15 +12,17 @@ Three pieces, each used by every level of the package:
   fracture of the same gradient, §2.3.
 
 Like ``torch/optim/adam.py``, each has a single-tensor implementation (the readable reference),
-a ``_multi_tensor_`` one built from ``torch._foreach_*`` ops (no host sync, so it runs unchanged
-on CUDA), and :func:`sculpt` also dispatches to a fused kernel (:mod:`kintsugi_optim._fused`).
+a ``_multi_tensor_`` one built from ``torch._foreach_*`` ops (no host sync on an accelerator, so
+it runs unchanged on CUDA and under CUDA graphs; on the CPU it steps cache-sized runs of tensors
+and reads a few sums to skip passes, see :func:`_runs` and :func:`_reads_are_free`), and
+:func:`sculpt` also dispatches to a fused kernel (:mod:`kintsugi_optim._fused`).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from typing import cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +230,8 @@ def gild(
     phi_norm: str | None = None,
     ascent: str = "additive",
     positivity: str = "clamp",
+    relative: bool = False,
+    assume_nonnegative: bool = False,
     foreach: bool = False,
 ) -> None:
     r"""Gild each ϕ in place with its fracture signal l (SPEC §2.2).
@@ -250,7 +254,12 @@ def gild(
         beta: gilding rate β ≥ 0. gamma: damping γ ≥ 0 (ϕ stops rising near 1/γ).
         l1: tempering λ ≥ 0. phi_min, phi_max: bounds (``phi_max=None``: the dtype's largest
             finite value). phi_norm: "mean" or None. ascent: "additive" or "multiplicative".
-        positivity: "clamp" or "softplus". foreach: use the ``torch._foreach_*`` implementation.
+        positivity: "clamp" or "softplus".
+        relative: first divide each l by max(mean |l|, tiny) over its tensor (``fracture=
+            "relative"``, §2.1; see :func:`relative_fracture_`).
+        assume_nonnegative: the caller promises every l ≥ 0 (the Sculptor's |g|), so that
+            Σ|l| may be taken as the plain sum Σl.
+        foreach: use the ``torch._foreach_*`` implementation.
 
     Whatever the fracture (0, ±1e30, inf, nan), every ϕ stays finite and ≥ the dtype's smallest
     normal number; ``phi_norm="mean"`` caps ϕ' at ``finfo.max / n`` before normalising so that
@@ -272,12 +281,17 @@ def gild(
         phi_max=phi_max,
         phi_norm=phi_norm,
         ascent=ascent,
+        relative=relative,
+        assume_nonnegative=assume_nonnegative,
     )
 
 
 def _single_tensor_gild(
-    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent
+    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent, relative,
+    assume_nonnegative,
 ) -> None:
+    if relative:
+        relative_fracture_(fractures)
     for i, phi in enumerate(phis):
         u = fractures[i]
         if gamma != 0:
@@ -332,10 +346,68 @@ def _foreach_softplus(xs: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _reads_are_free(tensors: list[Tensor]) -> bool:
+    """Whether the step may read a few scalars back to the host to choose its passes.
+
+    On the CPU a reduction's result already lies in host memory, so reading it costs nothing,
+    and it lets the step skip the passes that only matter for non-finite or overflowing values.
+    On an accelerator it would stall the stream, under torch.compile it would break the graph,
+    and a sharded DTensor's reduction is a collective: there every pass runs unconditionally.
+    """
+    return (
+        tensors[0].device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _is_dtensor(tensors[0])
+    )
+
+
+def _fast_scalars(tensors: list[Tensor]) -> bool:
+    """Whether a foreach step over ``tensors`` may pass its scalars as 0-d tensors.
+
+    A CPU _foreach_ op is a loop of per-tensor ops, and each of those takes a 0-d tensor operand
+    ~3× faster than a Python number. Only for float32/float64: in half precision a 0-d tensor
+    of the tensors' dtype would round the scalar, and there torch's exact order of operations
+    is kept too, so that β = 0 gives torch's bits.
+    """
+    return tensors[0].dtype in (torch.float32, torch.float64) and _reads_are_free(tensors)
+
+
 def _multi_tensor_gild(
-    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent
+    phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent, relative,
+    assume_nonnegative,
 ) -> None:
     for (device_phis, u, device_rhos), _ in _grouped([phis, fractures, rhos or []]):
+        on_host = _reads_are_free(device_phis)
+        dtype = device_phis[0].dtype
+        acc = torch.promote_types(dtype, torch.float32)  # sums and means of a bf16 ϕ in fp32
+        tiny = torch.finfo(dtype).tiny
+        numels = [max(p.numel(), 1) for p in device_phis]
+        finite = False  # whether every u is known to be finite
+        rates = None  # per tensor, for the plain additive ascent: β / mean|l|
+        if on_host:
+            # Per-tensor sums as one vector: on the CPU, sum() runs ~4× faster than
+            # _foreach_norm's kernel, and 0-d tensor operands beat Python scalars ~3×.
+            sums = torch.stack(
+                [(t if assume_nonnegative else t.abs()).sum(dtype=acc) for t in u])  # Σ|l|
+            # A finite Σ|l| means every l is finite; the relative l/mean is then bounded by
+            # the tensor's size, and damping and tempering keep it finite.
+            finite = bool(sums.isfinite().all())
+            if relative:
+                scales = sums.div_(torch.tensor(numels, dtype=acc)).clamp_min_(tiny).reciprocal_()
+                if (finite and gamma == 0 and l1 == 0 and not rhos and ascent == "additive"
+                        and not isinstance(beta, Tensor)):
+                    rates = scales.mul_(beta).unbind()  # ϕ += (β/mean)·l: no pass over l
+                else:
+                    torch._foreach_mul_(u, scales.unbind())
+            del sums
+        elif relative:
+            # Out of place on the norms: the norm of a sharded DTensor (FSDP2) is a pending
+            # reduction, which an in-place op may not resolve. Here and below.
+            means = torch._foreach_norm(u, 1)  # Σ|l|
+            means = torch._foreach_div(means, numels)
+            torch._foreach_clamp_min_(means, tiny)
+            torch._foreach_div_(u, means)
+            del means
         if gamma != 0:
             damping = torch._foreach_mul(device_phis, -gamma)
             torch._foreach_add_(damping, 1.0)
@@ -344,11 +416,14 @@ def _multi_tensor_gild(
             del damping
         if l1 != 0:
             torch._foreach_sub_(u, l1)
-        _zero_nonfinite_(u)
+        if not finite:
+            _zero_nonfinite_(u)
         rate = _fold_tensor_rate_(u, beta)
         if rhos:
             torch._foreach_addcmul_(device_rhos, u, torch._foreach_sigmoid(device_rhos), rate)
             torch._foreach_copy_(device_phis, _foreach_softplus(device_rhos))
+        elif rates is not None:
+            torch._foreach_addcmul_(device_phis, u, rates)
         elif ascent == "additive":
             torch._foreach_add_(device_phis, u, alpha=rate)
         else:
@@ -357,15 +432,35 @@ def _multi_tensor_gild(
             torch._foreach_mul_(device_phis, u)
         del u
         torch._foreach_clamp_min_(device_phis, phi_min)
-        torch._foreach_clamp_max_(
-            device_phis, [_phi_cap(p, phi_max, phi_norm) for p in device_phis]
-        )
-        if phi_norm == "mean":
+
+        def clamp_to_caps() -> None:
+            torch._foreach_clamp_max_(
+                device_phis, [_phi_cap(p, phi_max, phi_norm) for p in device_phis]
+            )
+
+        if phi_norm != "mean":
+            clamp_to_caps()
+        elif on_host:
+            n = torch.tensor(numels, dtype=acc)
+            sums = torch.stack([p.sum(dtype=acc) for p in device_phis])  # ϕ > 0: Σϕ
+            # Σϕ within half of every cap means no ϕ reaches its cap: the clamp would be the
+            # identity, and its pass is skipped.
+            cap = torch.finfo(dtype).max if phi_max is None else phi_max
+            if not bool((sums <= n.reciprocal().mul_(torch.finfo(dtype).max).clamp_max_(cap)
+                         .mul_(0.5)).all()):
+                clamp_to_caps()
+                sums = torch.stack([p.sum(dtype=acc) for p in device_phis])
             # ϕ / mean(ϕ), the mean rounded once, so ϕ ≡ 1 stays exactly 1 (β = 0 is torch).
-            means = torch._foreach_norm(device_phis, 1)  # ϕ ≥ phi_min > 0: the sum
-            means = torch._foreach_div(means, [float(p.numel()) for p in device_phis])
+            means = sums.div_(n)
+            torch._foreach_div_(device_phis, means.unbind())
+            if means.max().item() > 0.5 * phi_min / tiny:  # else ϕ/mean ≥ phi_min/mean > tiny
+                torch._foreach_clamp_min_(device_phis, tiny)
+        else:
+            clamp_to_caps()
+            means = torch._foreach_norm(device_phis, 1)  # ϕ > 0: Σϕ
+            means = torch._foreach_div(means, [float(n) for n in numels])
             torch._foreach_div_(device_phis, means)
-            torch._foreach_clamp_min_(device_phis, torch.finfo(device_phis[0].dtype).tiny)
+            torch._foreach_clamp_min_(device_phis, tiny)
         if rhos:
             neg = torch._foreach_neg(device_phis)
             torch._foreach_expm1_(neg)
@@ -411,14 +506,15 @@ def gild_pathways(
         foreach = False
     else:
         scope_phis, scope_fractures, scope_rhos = phis, fractures, rhos
-    if fracture == "relative":
-        relative_fracture_(scope_fractures, foreach=foreach)
-    gild(scope_phis, scope_fractures, scope_rhos, foreach=foreach, **options)
+    gild(scope_phis, scope_fractures, scope_rhos, relative=fracture == "relative",
+         assume_nonnegative=True, foreach=foreach, **options)
     if pathway == "tensor":
-        for phi, new in zip(phis, scope_phis[0].unbind()):
-            phi.copy_(new)
-        for rho, new in zip(rhos or [], scope_rhos[0].unbind() if scope_rhos else []):
-            rho.copy_(new)
+        for k, (phi, new) in enumerate(zip(phis, scope_phis[0].unbind())):
+            # A ϕ narrower than the stack stays finite and normal in its own dtype.
+            finfo = torch.finfo(phi.dtype)
+            phi.copy_(new.clamp(finfo.tiny, finfo.max))
+            if rhos:
+                rhos[k].copy_(softplus_inverse(phi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +640,29 @@ def _single_tensor_sculpt(
     return fractures
 
 
+# On the CPU a _foreach_ op is a loop over its tensors, so a step made of ~15 of them streams
+# every buffer through memory ~15 times, and frees its temporaries (tens of MB) all at once,
+# which glibc hands back to the OS to fault in again next step. Stepped a run of tensors at a
+# time, every pass after a run's first finds its buffers in cache and the temporaries stay
+# small. The bytes are those of the parameters in a run; its working set is ~6× that, in L2/L3.
+# 1 MiB measured best on a 2-core EPYC (2 MiB L2 a core, 32 MiB L3): 256 KiB costs more in
+# per-run overhead, 4 MiB and more in cache misses (benchmarks/README.md).
+_CPU_RUN_BYTES = 1 << 20
+
+
+def _runs(params: list[Tensor]) -> list[slice]:
+    """Consecutive runs of ``params`` for one pass of the foreach step each (see above)."""
+    if params[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return [slice(0, len(params))]  # one launch per op is what foreach is for
+    runs, start, size = [], 0, 0
+    for k, p in enumerate(params):
+        size += p.numel() * p.element_size()
+        if size >= _CPU_RUN_BYTES or k == len(params) - 1:
+            runs.append(slice(start, k + 1))
+            start, size = k + 1, 0
+    return runs
+
+
 def _multi_tensor_sculpt(
     params: list[Tensor],
     grads: list[Tensor],
@@ -568,14 +687,16 @@ def _multi_tensor_sculpt(
     capturable: bool,
     differentiable: bool,
     pathway: str,
+    gild_run: Callable[[list[Tensor], list[Tensor]], None],
     **_,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The foreach Sculptor step over all tensors of each device/dtype group.
+) -> None:
+    """The foreach Sculptor step, over each device/dtype group in runs of tensors.
 
-    Returns ``(phis, fractures)`` in matching (device-grouped) order for :func:`gild_pathways`.
+    After a run's θ step, ``gild_run(phis, fractures)`` receives its ϕ and raw fractures
+    (while they are in cache; the fractures are scratch the callee may overwrite).
     """
     if len(params) == 0:  # a group none of whose parameters has a gradient this step
-        return [], []
+        return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
     if isinstance(lr, Tensor) and not capturable:
@@ -594,57 +715,62 @@ def _multi_tensor_sculpt(
     lists = [params, grads, phis, momentum_buffers] if is_sgd else [
         params, grads, phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     ]
-    out_phis: list[Tensor] = []
-    out_fractures: list[Tensor] = []
-    for device_lists, indices in Optimizer._group_tensors_by_device_and_dtype(
+    for device_lists, device_indices in Optimizer._group_tensors_by_device_and_dtype(
         lists, with_indices=True
     ).values():
-        device_params = cast(list[Tensor], device_lists[0])
-        device_grads = cast(list[Tensor], device_lists[1])
-        device_phis = cast(list[Tensor], device_lists[2])
-        if any(torch.is_complex(p) for p in device_params):
-            device_params = [torch.view_as_real(p) if p.is_complex() else p for p in device_params]
-            device_grads = [torch.view_as_real(g) if g.is_complex() else g for g in device_grads]
-            for k in range(3, len(device_lists)):
-                device_lists[k] = [
-                    torch.view_as_real(t) if t is not None and t.is_complex() else t
-                    for t in device_lists[k]
-                ]
-        phis_b = [_broadcast(phi, p) for phi, p in zip(device_phis, device_params)]
-        raw_grads = device_grads  # never written below: the fracture is taken from them
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-        if is_sgd:
-            _multi_tensor_sgd_direction_step(
-                device_params, device_grads, phis_b, cast(list, device_lists[3]),
-                [params[k] for k in indices], momentum_buffers, indices, lr=lr,
-                momentum=momentum, dampening=dampening, nesterov=nesterov,
-                weight_decay=weight_decay, maximize=maximize,
-            )
-        else:
-            _multi_tensor_adam_direction_step(
-                device_params, device_grads, phis_b, *device_lists[3:], base=base, lr=lr,
-                beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
-                weight_decay=weight_decay, maximize=maximize, capturable=capturable,
-            )
-        # |g| after the step's own temporaries are freed: the peak stays one parameter-sized
-        # buffer, as for torch's foreach Adam.
-        out_phis += device_phis
-        out_fractures += _foreach_fracture(raw_grads, device_phis, pathway)
-    return out_phis, out_fractures
+        for run in _runs(cast(list[Tensor], device_lists[0])):
+            run_lists = [tensors[run] for tensors in device_lists]
+            indices = device_indices[run]
+            run_params = cast(list[Tensor], run_lists[0])
+            run_grads = cast(list[Tensor], run_lists[1])
+            run_phis = cast(list[Tensor], run_lists[2])
+            if any(p.is_complex() for p in run_params):
+                run_params = [torch.view_as_real(p) if p.is_complex() else p for p in run_params]
+                run_grads = [torch.view_as_real(g) if g.is_complex() else g for g in run_grads]
+                for k in range(3, len(run_lists)):
+                    run_lists[k] = [
+                        torch.view_as_real(t) if t is not None and t.is_complex() else t
+                        for t in run_lists[k]
+                    ]
+            phis_b = [_broadcast(phi, p) for phi, p in zip(run_phis, run_params)]
+            raw_grads = run_grads  # never written below: the fracture is taken from them
+            if maximize:
+                run_grads = torch._foreach_neg(run_grads)
+            if is_sgd:
+                scratch = _multi_tensor_sgd_direction_step(
+                    run_params, run_grads, phis_b, cast(list, run_lists[3]),
+                    [params[k] for k in indices], momentum_buffers, indices, lr=lr,
+                    momentum=momentum, dampening=dampening, nesterov=nesterov,
+                    weight_decay=weight_decay, maximize=maximize,
+                )
+            else:
+                scratch = _multi_tensor_adam_direction_step(
+                    run_params, run_grads, phis_b, *run_lists[3:], base=base, lr=lr,
+                    beta1=beta1, beta2=beta2, eps=eps, amsgrad=amsgrad,
+                    weight_decay=weight_decay, maximize=maximize, capturable=capturable,
+                )
+            del run_grads, phis_b
+            gild_run(run_phis, _foreach_fracture(raw_grads, run_phis, pathway, scratch))
 
 
-def _foreach_fracture(grads: list[Tensor], phis: list[Tensor], pathway: str) -> list[Tensor]:
-    a = torch._foreach_abs(grads)
-    if a and a[0].dtype != phis[0].dtype:
-        a = [t.to(phis[0].dtype) for t in a]
+def _foreach_fracture(
+    grads: list[Tensor], phis: list[Tensor], pathway: str, scratch: list[Tensor] | None = None
+) -> list[Tensor]:
+    """Raw fractures of ``grads`` in ϕ's dtype. |g| goes into ``scratch`` (a dead temporary of
+    the θ step, of the gradients' shapes) when it has ϕ's dtype, saving an allocation."""
+    dtype = phis[0].dtype
+    if scratch is not None and scratch[0].dtype == dtype:
+        for g, out in zip(grads, scratch):
+            torch.abs(g, out=out)
+        a = scratch
+    else:
+        a = [t.to(dtype) for t in torch._foreach_abs(grads)]
     if pathway == "element":
         return a
     if pathway == "tensor":
-        means = torch._foreach_norm(a, 1)  # out-of-place division: see relative_fracture_
-        return list(torch._foreach_div(means, [max(t.numel(), 1) for t in a]))
-    # torch has no foreach reduction along a dim: the row means are the foreach path's one
-    # per-tensor op (one read of |g|). A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
+        return [t.mean() for t in a]
+    # torch has no foreach reduction along a dim: the row means are one op per tensor.
+    # A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
     return [t.reshape(t.shape[0], -1).mean(1) if phi.dim() > 0 else t.mean()
             for t, phi in zip(a, phis)]
 
@@ -652,7 +778,8 @@ def _foreach_fracture(grads: list[Tensor], phis: list[Tensor], pathway: str) -> 
 def _multi_tensor_sgd_direction_step(
     params, grads, phis_b, bufs, original_params, all_bufs, indices, *, lr, momentum, dampening, nesterov,
     weight_decay, maximize,
-) -> None:
+) -> list[Tensor] | None:
+    """θ ← θ − lr·ϕ·d for SGD; returns a dead parameter-shaped temporary, if it made one."""
     if weight_decay != 0:
         # Reuse the intermediate memory (grads) already allocated for maximize
         if maximize:
@@ -674,21 +801,28 @@ def _multi_tensor_sgd_direction_step(
             grads = torch._foreach_add(grads, bufs, alpha=momentum)
         else:
             grads = bufs
+    if not isinstance(lr, Tensor) and phis_b[0].dtype == params[0].dtype:
+        torch._foreach_addcmul_(params, grads, phis_b, value=-lr)
+        return None
     scaled = torch._foreach_mul(grads, phis_b)
-    if scaled and scaled[0].dtype != params[0].dtype:  # float32 ϕ, bf16/fp16 θ: as single-tensor
+    if scaled[0].dtype != params[0].dtype:  # float32 ϕ, bf16/fp16 θ: as single-tensor
         scaled = [s.to(p.dtype) for s, p in zip(scaled, params)]
     if isinstance(lr, Tensor):
         torch._foreach_mul_(scaled, -lr)
         torch._foreach_add_(params, scaled)
     else:
         torch._foreach_add_(params, scaled, alpha=-lr)
+    return scaled
 
 
 def _multi_tensor_adam_direction_step(
     params, grads, phis_b, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, base, lr,
     beta1, beta2, eps, amsgrad, weight_decay, maximize, capturable,
-) -> None:
-    # Mirrors torch.optim.adam._multi_tensor_adam, with ϕ folded into the denominator.
+) -> list[Tensor]:
+    """θ ← θ − lr·ϕ·d for Adam/AdamW; returns the dead denominators (scratch for the caller).
+
+    Mirrors torch.optim.adam._multi_tensor_adam, with ϕ folded into the denominator.
+    """
     if not torch.compiler.is_compiling() and state_steps[0].is_cpu:
         torch._foreach_add_(state_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
     else:
@@ -701,7 +835,8 @@ def _multi_tensor_adam_direction_step(
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    fast = _fast_scalars(params)
+    torch._foreach_mul_(exp_avg_sqs, torch.tensor(beta2, dtype=params[0].dtype) if fast else beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     del grads
 
@@ -726,19 +861,31 @@ def _multi_tensor_adam_direction_step(
         torch._foreach_div_(denom, phis_b)
         torch._foreach_addcdiv_(params, exp_avgs, denom)
     else:
-        bias_correction1 = [1 - beta1 ** _get_value(s) for s in state_steps]
-        bias_correction2 = [1 - beta2 ** _get_value(s) for s in state_steps]
-        step_size = _stack_if_compiling([(lr / bc) * -1 for bc in bias_correction1])
-        bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
+        # lr/bc1 · m / (√v/√bc2 + ε) = (lr·√bc2/bc1) · m / (√v + ε·√bc2): torch's step with
+        # its division by √bc2 folded into two scalars, so that the division by ϕ costs no
+        # pass more than torch's own.
+        steps = [_get_value(s) for s in state_steps]
+        bias_correction1 = [1 - beta1**s for s in steps]
+        bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
         if amsgrad:
             torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
             denom = torch._foreach_sqrt(max_exp_avg_sqs)
         else:
             denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
+        if _fast_scalars(params):
+            # lr/bc1 · m / (√v/√bc2 + ε) = (lr·√bc2/bc1) · m / (√v + ε·√bc2): torch's step
+            # with its division by √bc2 folded into two scalars, so that the division by ϕ
+            # costs no pass more than torch's own.
+            step_size = [-lr * bc2 / bc1 for bc1, bc2 in zip(bias_correction1, bias_correction2_sqrt)]
+            eps_scaled = [eps * bc2 for bc2 in bias_correction2_sqrt]
+            torch._foreach_add_(denom, torch.tensor(eps_scaled, dtype=denom[0].dtype).unbind())
+        else:
+            step_size = [(lr / bc) * -1 for bc in bias_correction1]
+            torch._foreach_div_(denom, bias_correction2_sqrt)
+            torch._foreach_add_(denom, eps)
         torch._foreach_div_(denom, phis_b)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, _stack_if_compiling(step_size))
+    return denom
 
 
 @_disable_dynamo_if_unsupported(single_tensor_fn=_single_tensor_sculpt)
@@ -814,14 +961,29 @@ def sculpt(
         return
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
-    if foreach and not torch.jit.is_scripting():
-        gild_phis, fractures = _multi_tensor_sculpt(*state, **hyper)
-        if rhos is not None:  # follow the device grouping of the ϕ
-            by_phi = {id(p): r for p, r in zip(phis, rhos)}
-            rhos = [by_phi[id(p)] for p in gild_phis]
-    else:
-        gild_phis, fractures = phis, _single_tensor_sculpt(*state, **hyper)
-    gild_pathways(gild_phis, fractures, rhos, pathway=pathway, foreach=bool(foreach), **gilding)
+    if not foreach or torch.jit.is_scripting():
+        fractures = _single_tensor_sculpt(*state, **hyper)
+        gild_pathways(phis, fractures, rhos, pathway=pathway, foreach=False, **gilding)
+        return
+    rho_of = {id(p): r for p, r in zip(phis, rhos)} if rhos is not None else None
+
+    def gild_run(run_phis: list[Tensor], fractures: list[Tensor]) -> None:
+        run_rhos = [rho_of[id(p)] for p in run_phis] if rho_of is not None else None
+        gild_pathways(run_phis, fractures, run_rhos, pathway=pathway, foreach=True, **gilding)
+
+    if pathway != "tensor":  # each tensor is its own scope: gild each run while it is in cache
+        _multi_tensor_sculpt(*state, **hyper, gild_run=gild_run)
+        return
+    # The tensor pathway's scope is the whole group: gild once, after every run's θ step.
+    scope_phis: list[Tensor] = []
+    scope_fractures: list[Tensor] = []
+
+    def collect(run_phis: list[Tensor], fractures: list[Tensor]) -> None:
+        scope_phis.extend(run_phis)
+        scope_fractures.extend(fractures)
+
+    _multi_tensor_sculpt(*state, **hyper, gild_run=collect)
+    gild_run(scope_phis, scope_fractures)
 
 
 def gilder_step(
@@ -849,11 +1011,10 @@ def gilder_step(
     if isinstance(lr, Tensor):
         lr = _to_scalar(lr)
     fractures = torch._foreach_mul(grads, 1.0) if foreach else [g.clone() for g in grads]
-    if fracture == "relative":
-        relative_fracture_(fractures, foreach=foreach)
     updated = phis + (rhos or [])
     before = [t.clone() for t in updated] if found_inf is not None else []
-    gild(phis, fractures, rhos, beta=beta * lr, foreach=foreach, **options)
+    gild(phis, fractures, rhos, beta=beta * lr, relative=fracture == "relative",
+         foreach=foreach, **options)
     if found_inf is not None:
         skip = found_inf > 0
         for t, old in zip(updated, before):

@@ -239,28 +239,39 @@ class KintsugiOptimizer(Optimizer):
         so ``step`` compiles to one graph.
         """
         has_complex = False
-        base, fused = group["base"], group["fused"]
+        base, fused, pathway = group["base"], group["fused"], group["pathway"]
+        softplus = group["positivity"] == "softplus"
+        amsgrad = base != "sgd" and group["amsgrad"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("KintsugiOptimizer does not support sparse gradients")
-            has_complex |= torch.is_complex(p)
+            has_complex |= p.is_complex()
             state = self.state[p]
-            if "phi" not in state:  # lazy state initialization, as torch's optimizers do
+            phi = state.get("phi")
+            if phi is None:  # lazy state initialization, as torch's optimizers do
                 if fused:
                     _device_dtype_check_for_fused(p)
-                state["phi"] = new_phi(p, group["pathway"], group["phi_init"])
-            if tuple(state["phi"].shape) != tuple(phi_shape(p, group["pathway"])):
+                phi = state["phi"] = new_phi(p, pathway, group["phi_init"])
+            elif phi.shape != phi_shape(p, pathway):
                 raise ValueError(
-                    f"Invalid pathway: {group['pathway']!r} for a parameter of shape "
-                    f"{tuple(p.shape)} whose ϕ has shape {tuple(state['phi'].shape)} from an "
-                    "earlier pathway; ϕ cannot change pathway mid-training")
-            if group["positivity"] == "softplus":
+                    f"Invalid pathway: {pathway!r} for a parameter of shape {tuple(p.shape)} "
+                    f"whose ϕ has shape {tuple(phi.shape)} from an earlier pathway; ϕ cannot "
+                    "change pathway mid-training")
+            if softplus:
                 # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
                 # (a switch of positivity, an edit) is never overwritten from a stale ρ.
-                state["rho"] = softplus_inverse(state["phi"])
-            if base != "sgd" and "step" not in state:
+                state["rho"] = softplus_inverse(phi)
+                rhos.append(state["rho"])
+            params.append(p)
+            grads.append(p.grad)
+            phis.append(phi)
+            if base == "sgd":
+                # torch's SGD: no momentum, no buffer (the functional step is given Nones).
+                momentum_buffers.append(state.get("momentum_buffer") if group["momentum"] else None)
+                continue
+            if "step" not in state:
                 # torch keeps `step` on the CPU unless capturable/fused (kernel launches are costly).
                 state["step"] = (
                     torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
@@ -269,25 +280,15 @@ class KintsugiOptimizer(Optimizer):
                 )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if base != "sgd" and group["amsgrad"] and "max_exp_avg_sq" not in state:
+            if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["differentiable"] and base != "sgd" and state["step"].requires_grad:
+            if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-
-            params.append(p)
-            grads.append(p.grad)
-            phis.append(state["phi"])
-            if group["positivity"] == "softplus":
-                rhos.append(state["rho"])
-            if base == "sgd":
-                # torch's SGD: no momentum, no buffer (the functional step is given Nones).
-                momentum_buffers.append(state.get("momentum_buffer") if group["momentum"] else None)
-            else:
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                state_steps.append(state["step"])
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
         return has_complex
 
     @_use_grad_for_differentiable

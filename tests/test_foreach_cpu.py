@@ -1,0 +1,141 @@
+"""The CPU foreach path's shortcuts change no result.
+
+On the CPU the foreach Sculptor steps its tensors in cache-sized runs and reads a few per-tensor
+sums back to the host to skip passes that cannot change anything (`functional._runs`,
+`functional._reads_are_free`). Both are checked here against the same step taken without them:
+every run of one tensor, and the path an accelerator takes (no host reads), which the CPU would
+otherwise never exercise.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import kintsugi_optim.functional as functional
+from kintsugi_optim import GilderOptimizer, KintsugiOptimizer
+
+SPECIAL = [0.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan")]
+CONFIGS = [
+    dict(pathway=pw, fracture=fr, phi_norm=pn, ascent=asc, positivity=pos, gamma=gm, l1=l1)
+    for pw, fr, pn, asc, pos, gm, l1 in itertools.product(
+        ("element", "row", "tensor"), ("relative", "abs"), ("mean", None),
+        ("additive", "multiplicative"), ("clamp", "softplus"), (0.0, 0.5), (0.0, 0.1))
+    if not (asc == "multiplicative" and pos == "softplus")
+]
+BASES = [
+    dict(base="adam"),
+    dict(base="adam", amsgrad=True, maximize=True, weight_decay=0.1),
+    dict(base="adamw", weight_decay=0.1),
+    dict(base="sgd", momentum=0.9, nesterov=True, weight_decay=0.01),
+    dict(base="sgd", momentum=0.9, dampening=0.1, maximize=True),
+    dict(base="sgd"),
+]
+SHAPES = [(6, 5), (5,), (), (3, 2, 2), (7, 1)]
+
+
+def make_params(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in SHAPES]
+    # one complex and one float32 parameter: a second device/dtype group
+    params.append(torch.randn(4, 3, generator=g, dtype=torch.complex128).requires_grad_())
+    params.append(torch.randn(3, 4, generator=g, dtype=torch.float32).requires_grad_())
+    return params
+
+
+def grads_for(step, params, special=False):
+    g = torch.Generator().manual_seed(100 + step)
+    grads = []
+    for p in params:
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        if special and p.numel() > 1 and not p.is_complex():
+            # one tensor with a non-finite entry and one with huge ones
+            grad.view(-1)[0] = SPECIAL[step % len(SPECIAL)]
+        grads.append(grad)
+    return grads
+
+
+def trajectory(base, config, monkeypatch, *, run_bytes=None, host_reads=True, special=False,
+               steps=6, **extra):
+    with monkeypatch.context() as patch:
+        if run_bytes is not None:
+            patch.setattr(functional, "_CPU_RUN_BYTES", run_bytes)
+        if not host_reads:
+            patch.setattr(functional, "_reads_are_free", lambda tensors: False)
+        params = make_params()
+        opt = KintsugiOptimizer(params, lr=0.05, beta=0.3, foreach=True, **base, **config,
+                                **extra)
+        for step in range(steps):
+            for p, g in zip(params, grads_for(step, params, special)):
+                p.grad = g
+            opt.step()
+        return [p.detach() for p in params], [opt.state[p]["phi"] for p in params]
+
+
+def assert_same(a, b, exact):
+    """θ and ϕ agree (a NaN gradient makes θ NaN, as in torch; ϕ stays finite)."""
+    for phi in a[1] + b[1]:
+        assert torch.isfinite(phi).all() and (phi > 0).all()
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        if exact:
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan())
+        else:
+            single = x.dtype == torch.float32
+            torch.testing.assert_close(x, y, rtol=1e-5 if single else 1e-10,
+                                       atol=1e-6 if single else 1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: "-".join(map(str, b.values())))
+@pytest.mark.parametrize("config", CONFIGS[::7], ids=lambda c: "-".join(map(str, c.values())))
+def test_runs_of_one_tensor_give_the_same_bits(base, config, monkeypatch):
+    assert_same(trajectory(base, config, monkeypatch),
+                trajectory(base, config, monkeypatch, run_bytes=1), exact=True)
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nonfinite"])
+@pytest.mark.parametrize("base", BASES[:4], ids=lambda b: "-".join(map(str, b.values())))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_host_reads_skip_only_what_changes_nothing(base, config, special, monkeypatch):
+    assert_same(trajectory(base, config, monkeypatch, special=special),
+                trajectory(base, config, monkeypatch, special=special, host_reads=False),
+                exact=False)
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("phi_max", [1.02, None])
+def test_caps_and_tiny_floor_bind_alike(phi_max, host_reads, monkeypatch):
+    """ϕ near the overflow cap and near the dtype's smallest normal number, on both paths."""
+    with monkeypatch.context() as patch:
+        if not host_reads:
+            patch.setattr(functional, "_reads_are_free", lambda tensors: False)
+        p = torch.zeros(4, requires_grad=True)
+        opt = KintsugiOptimizer([p], base="sgd", beta=1.0, phi_max=phi_max, foreach=True)
+        single = KintsugiOptimizer([q := torch.zeros(4, requires_grad=True)], base="sgd",
+                                   beta=1.0, phi_max=phi_max, foreach=False)
+        for o, t in ((opt, p), (single, q)):
+            o.step()  # creates ϕ (no grad yet: nothing moves)
+            o.state[t]["phi"] = torch.tensor([3e38, 1e-3, 1e-3, 1.0])
+            t.grad = torch.tensor([1.0, 2.0, 0.0, 1.0])
+            o.step()
+        phi = opt.state[p]["phi"]
+        assert torch.isfinite(phi).all() and (phi >= torch.finfo(phi.dtype).tiny).all()
+        torch.testing.assert_close(phi, single.state[q]["phi"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+@pytest.mark.parametrize("fracture", ["relative", "abs"])
+def test_gilder_signed_fracture_on_both_paths(fracture, host_reads, monkeypatch):
+    """A Gilder's ϕ.grad may be signed: the relative scale is mean |l|, not |mean l|."""
+    with monkeypatch.context() as patch:
+        if not host_reads:
+            patch.setattr(functional, "_reads_are_free", lambda tensors: False)
+        phis = [torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)]
+        opt = GilderOptimizer(phis, beta=0.1, fracture=fracture, foreach=True)
+        phis[0].grad = torch.tensor([1.0, -1.0, 2.0, -2.0])
+        phis[1].grad = torch.tensor([0.5, 0.5, -1.0, 0.0])
+        opt.step()
+    for phi, grad in zip(phis, ([1.0, -1.0, 2.0, -2.0], [0.5, 0.5, -1.0, 0.0])):
+        l = torch.tensor(grad)
+        if fracture == "relative":
+            l = l / l.abs().mean()
+        torch.testing.assert_close(phi.detach(), (1 + 0.1 * l).clamp(min=1e-3))
