@@ -443,11 +443,11 @@ def _multi_tensor_gild(
         elif on_host:
             n = torch.tensor(numels, dtype=acc)
             sums = torch.stack([p.sum(dtype=acc) for p in device_phis])  # ϕ > 0: Σϕ
-            # Σϕ within half of every cap means no ϕ reaches its cap: the clamp would be the
-            # identity, and its pass is skipped.
-            cap = torch.finfo(dtype).max if phi_max is None else phi_max
-            if not bool((sums <= n.reciprocal().mul_(torch.finfo(dtype).max).clamp_max_(cap)
-                         .mul_(0.5)).all()):
+            # Σϕ within half its cap (_phi_cap: min(phi_max, max/n)) means no ϕ reaches the
+            # cap: the clamp would be the identity, and its pass is skipped.
+            finfo_max = torch.finfo(dtype).max
+            caps = (finfo_max / n).clamp_max_(finfo_max if phi_max is None else phi_max)
+            if not bool((sums <= 0.5 * caps).all()):
                 clamp_to_caps()
                 sums = torch.stack([p.sum(dtype=acc) for p in device_phis])
             # ϕ / mean(ϕ), the mean rounded once, so ϕ ≡ 1 stays exactly 1 (β = 0 is torch).
