@@ -21,6 +21,7 @@ and reads a few sums to skip passes, see :func:`_runs` and :func:`_reads_are_fre
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Callable, cast
 
@@ -208,13 +209,14 @@ def relative_fracture_(fractures: list[Tensor], *, foreach: bool = False) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _phi_cap(phi: Tensor, phi_max: float | None, phi_norm: str | None) -> float:
-    finfo = torch.finfo(phi.dtype)
-    cap = finfo.max if phi_max is None else min(phi_max, finfo.max)
-    if phi_norm == "mean":
-        # Capping at max/n keeps Σϕ over the scope finite, so normalising never overflows.
-        cap = min(cap, finfo.max / max(phi.numel(), 1))
-    return cap
+def _phi_caps(phis: list[Tensor], phi_max: float | None, phi_norm: str | None) -> list[float]:
+    """The upper clamp of each ϕ (one dtype): phi_max, at most the dtype's max."""
+    finfo_max = torch.finfo(phis[0].dtype).max
+    cap = finfo_max if phi_max is None else min(phi_max, finfo_max)
+    if phi_norm != "mean":
+        return [cap] * len(phis)
+    # Capping at max/n keeps Σϕ over the scope finite, so normalising never overflows.
+    return [min(cap, finfo_max / max(phi.numel(), 1)) for phi in phis]
 
 
 def gild(
@@ -308,7 +310,7 @@ def _single_tensor_gild(
             phi.add_(u, alpha=rate)  # β = 0 leaves ϕ bitwise unchanged: u is finite
         else:
             phi.mul_(u.mul_(rate).exp_())
-        phi.clamp_(phi_min, _phi_cap(phi, phi_max, phi_norm))
+        phi.clamp_(phi_min, _phi_caps([phi], phi_max, phi_norm)[0])
         if phi_norm == "mean":
             phi.div_(phi.sum() / phi.numel())  # one rounding: ϕ ≡ 1 stays exactly 1
             phi.clamp_(min=torch.finfo(phi.dtype).tiny)
@@ -372,6 +374,12 @@ def _fast_scalars(tensors: list[Tensor]) -> bool:
     return tensors[0].dtype in (torch.float32, torch.float64) and _reads_are_free(tensors)
 
 
+def _cpu_scalars(values: list[float], dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Per-tensor scalars for a CPU _foreach_ op, as 0-d tensors: each per-tensor op of the
+    loop takes a 0-d tensor operand ~3× faster than a Python number."""
+    return torch.tensor(values, dtype=dtype).unbind()
+
+
 def _multi_tensor_gild(
     phis, fractures, rhos, *, beta, gamma, l1, phi_min, phi_max, phi_norm, ascent, relative,
     assume_nonnegative,
@@ -385,21 +393,22 @@ def _multi_tensor_gild(
         finite = False  # whether every u is known to be finite
         rates = None  # per tensor, for the plain additive ascent: β / mean|l|
         if on_host:
-            # Per-tensor sums as one vector: on the CPU, sum() runs ~4× faster than
-            # _foreach_norm's kernel, and 0-d tensor operands beat Python scalars ~3×.
+            # Σ|l| per tensor, read as Python floats (sum() runs ~4× faster than
+            # _foreach_norm's kernel on the CPU; a few list operations cost less per run than
+            # the same arithmetic as small tensor ops).
             sums = torch.stack(
-                [(t if assume_nonnegative else t.abs()).sum(dtype=acc) for t in u])  # Σ|l|
+                [(t if assume_nonnegative else t.abs()).sum(dtype=acc) for t in u]).tolist()
             # A finite Σ|l| means every l is finite; the relative l/mean is then bounded by
             # the tensor's size, and damping and tempering keep it finite.
-            finite = bool(sums.isfinite().all())
+            finite = all(map(math.isfinite, sums))
             if relative:
-                scales = sums.div_(torch.tensor(numels, dtype=acc)).clamp_min_(tiny).reciprocal_()
+                scales = [1 / max(s / n, tiny) for s, n in zip(sums, numels)]
                 if (finite and gamma == 0 and l1 == 0 and not rhos and ascent == "additive"
                         and not isinstance(beta, Tensor)):
-                    rates = scales.mul_(beta).unbind()  # ϕ += (β/mean)·l: no pass over l
+                    # ϕ += (β/mean)·l in one pass, with no pass dividing l
+                    rates = _cpu_scalars([beta * scale for scale in scales], acc)
                 else:
-                    torch._foreach_mul_(u, scales.unbind())
-            del sums
+                    torch._foreach_mul_(u, _cpu_scalars(scales, acc))
         elif relative:
             # Out of place on the norms: the norm of a sharded DTensor (FSDP2) is a pending
             # reduction, which an in-place op may not resolve. Here and below.
@@ -433,27 +442,24 @@ def _multi_tensor_gild(
         del u
         torch._foreach_clamp_min_(device_phis, phi_min)
 
+        caps = _phi_caps(device_phis, phi_max, phi_norm)
+
         def clamp_to_caps() -> None:
-            torch._foreach_clamp_max_(
-                device_phis, [_phi_cap(p, phi_max, phi_norm) for p in device_phis]
-            )
+            torch._foreach_clamp_max_(device_phis, caps)
 
         if phi_norm != "mean":
             clamp_to_caps()
         elif on_host:
-            n = torch.tensor(numels, dtype=acc)
-            sums = torch.stack([p.sum(dtype=acc) for p in device_phis])  # ϕ > 0: Σϕ
-            # Σϕ within half its cap (_phi_cap: min(phi_max, max/n)) means no ϕ reaches the
-            # cap: the clamp would be the identity, and its pass is skipped.
-            finfo_max = torch.finfo(dtype).max
-            caps = (finfo_max / n).clamp_max_(finfo_max if phi_max is None else phi_max)
-            if not bool((sums <= 0.5 * caps).all()):
+            sums = torch.stack([p.sum(dtype=acc) for p in device_phis]).tolist()  # ϕ > 0: Σϕ
+            # Σϕ within half its cap (_phi_caps) means no ϕ reaches the cap: the clamp would
+            # be the identity, and its pass is skipped.
+            if not all(s <= 0.5 * cap for s, cap in zip(sums, caps)):
                 clamp_to_caps()
-                sums = torch.stack([p.sum(dtype=acc) for p in device_phis])
-            # ϕ / mean(ϕ), the mean rounded once, so ϕ ≡ 1 stays exactly 1 (β = 0 is torch).
-            means = sums.div_(n)
-            torch._foreach_div_(device_phis, means.unbind())
-            if means.max().item() > 0.5 * phi_min / tiny:  # else ϕ/mean ≥ phi_min/mean > tiny
+                sums = torch.stack([p.sum(dtype=acc) for p in device_phis]).tolist()
+            # ϕ / mean(ϕ), the mean rounded once to ϕ's dtype, so ϕ ≡ 1 stays exactly 1.
+            means = [s / n for s, n in zip(sums, numels)]
+            torch._foreach_div_(device_phis, _cpu_scalars(means, acc))
+            if max(means) > 0.5 * phi_min / tiny:  # else ϕ/mean ≥ phi_min/mean > tiny
                 torch._foreach_clamp_min_(device_phis, tiny)
         else:
             clamp_to_caps()
@@ -878,7 +884,7 @@ def _multi_tensor_adam_direction_step(
             # costs no pass more than torch's own.
             step_size = [-lr * bc2 / bc1 for bc1, bc2 in zip(bias_correction1, bias_correction2_sqrt)]
             eps_scaled = [eps * bc2 for bc2 in bias_correction2_sqrt]
-            torch._foreach_add_(denom, torch.tensor(eps_scaled, dtype=denom[0].dtype).unbind())
+            torch._foreach_add_(denom, _cpu_scalars(eps_scaled, denom[0].dtype))
         else:
             step_size = [(lr / bc) * -1 for bc in bias_correction1]
             torch._foreach_div_(denom, bias_correction2_sqrt)
