@@ -155,6 +155,11 @@ def _broadcast(phi: Tensor, param: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _rows(t: Tensor) -> Tensor:
+    # An explicit row length: reshape(rows, -1) is ambiguous for a tensor with no elements.
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Tensor:
     """Raw fracture signal of one parameter: |grad| reduced to ``pathway``.
 
@@ -178,7 +183,7 @@ def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Te
     if pathway == "element":
         return a
     if rows:
-        return a.reshape(a.shape[0], -1).mean(1)
+        return _rows(a).mean(1)
     return a.mean()
 
 
@@ -398,17 +403,21 @@ def _multi_tensor_gild(
             # Σ|l| per tensor, read as Python floats (sum() runs ~4× faster than
             # _foreach_norm's kernel on the CPU; a few list operations cost less per run than
             # the same arithmetic as small tensor ops).
-            sums = torch.stack(
+            l_sums = torch.stack(
                 [(t if assume_nonnegative else t.abs()).sum(dtype=acc) for t in u]).tolist()
-            # A finite Σ|l| means every l is finite; the relative l/mean is then bounded by
-            # the tensor's size, and damping and tempering keep it finite.
-            finite = all(map(math.isfinite, sums))
+            # A finite Σ|l| means every l is finite. The relative l/mean is then at most the
+            # tensor's size (which can exceed float16's range), and damping and tempering keep
+            # it finite.
+            finite = all(map(math.isfinite, l_sums)) and (
+                not relative or max(numels) <= torch.finfo(dtype).max)
             if relative:
-                scales = [1 / max(s / n, tiny) for s, n in zip(sums, numels)]
-                if (finite and gamma == 0 and l1 == 0 and not rhos and ascent == "additive"
-                        and not isinstance(beta, Tensor)):
-                    # ϕ += (β/mean)·l in one pass, with no pass dividing l
-                    rates = _cpu_scalars([beta * scale for scale in scales], acc)
+                scales = [1 / max(s / n, tiny) for s, n in zip(l_sums, numels)]
+                plain = (finite and gamma == 0 and l1 == 0 and not rhos and ascent == "additive"
+                         and not isinstance(beta, Tensor))
+                folded = [beta * scale for scale in scales] if plain else []
+                # 1/mean reaches 1/tiny for a zero gradient: β/mean may overflow, and 0·inf is NaN
+                if plain and max(folded) <= torch.finfo(acc).max:
+                    rates = _cpu_scalars(folded, acc)  # ϕ += (β/mean)·l in one pass
                 else:
                     torch._foreach_mul_(u, _cpu_scalars(scales, acc))
         elif relative:
@@ -416,7 +425,7 @@ def _multi_tensor_gild(
             # reduction, which an in-place op may not resolve. Here and below.
             means = torch._foreach_norm(u, 1)  # Σ|l|
             means = torch._foreach_div(means, numels)
-            torch._foreach_clamp_min_(means, tiny)
+            means = torch._foreach_clamp_min(means, tiny)
             torch._foreach_div_(u, means)
             del means
         if gamma != 0:
@@ -443,28 +452,26 @@ def _multi_tensor_gild(
             torch._foreach_mul_(device_phis, u)
         del u
         torch._foreach_clamp_min_(device_phis, phi_min)
-
         caps = _phi_caps(device_phis, phi_max, phi_norm)
-
-        def clamp_to_caps() -> None:
-            torch._foreach_clamp_max_(device_phis, caps)
-
         if phi_norm != "mean":
-            clamp_to_caps()
+            torch._foreach_clamp_max_(device_phis, caps)
         elif on_host:
-            sums = torch.stack([p.sum(dtype=acc) for p in device_phis]).tolist()  # ϕ > 0: Σϕ
+            def phi_sums() -> list[float]:
+                return torch.stack([p.sum(dtype=acc) for p in device_phis]).tolist()  # ϕ > 0
+
+            sums = phi_sums()
             # Σϕ within half its cap (_phi_caps) means no ϕ reaches the cap: the clamp would
             # be the identity, and its pass is skipped.
             if not all(s <= 0.5 * cap for s, cap in zip(sums, caps)):
-                clamp_to_caps()
-                sums = torch.stack([p.sum(dtype=acc) for p in device_phis]).tolist()
+                torch._foreach_clamp_max_(device_phis, caps)
+                sums = phi_sums()
             # ϕ / mean(ϕ), the mean rounded once to ϕ's dtype, so ϕ ≡ 1 stays exactly 1.
             means = [s / n for s, n in zip(sums, numels)]
             torch._foreach_div_(device_phis, _cpu_scalars(means, acc))
             if max(means) > 0.5 * phi_min / tiny:  # else ϕ/mean ≥ phi_min/mean > tiny
                 torch._foreach_clamp_min_(device_phis, tiny)
         else:
-            clamp_to_caps()
+            torch._foreach_clamp_max_(device_phis, caps)
             means = torch._foreach_norm(device_phis, 1)  # ϕ > 0: Σϕ
             means = torch._foreach_div(means, [float(n) for n in numels])
             torch._foreach_div_(device_phis, means)
@@ -783,7 +790,7 @@ def _foreach_fracture(
         return list(torch._foreach_div(means, [max(t.numel(), 1) for t in a]))
     # torch has no foreach reduction along a dim: the row means are one op per tensor.
     # A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
-    return [t.reshape(t.shape[0], -1).mean(1) if phi.dim() > 0 else t.mean()
+    return [_rows(t).mean(1) if phi.dim() > 0 else t.mean()
             for t, phi in zip(a, phis)]
 
 
@@ -873,9 +880,6 @@ def _multi_tensor_adam_direction_step(
         torch._foreach_div_(denom, phis_b)
         torch._foreach_addcdiv_(params, exp_avgs, denom)
     else:
-        # lr/bc1 · m / (√v/√bc2 + ε) = (lr·√bc2/bc1) · m / (√v + ε·√bc2): torch's step with
-        # its division by √bc2 folded into two scalars, so that the division by ϕ costs no
-        # pass more than torch's own.
         if _cpu_eager(state_steps):  # one read of all counts instead of an .item() each
             steps = torch.stack(state_steps).tolist()
         else:

@@ -143,3 +143,74 @@ def test_gilder_signed_fracture_on_both_paths(fracture, host_reads, monkeypatch)
         if fracture == "relative":
             l = l / l.abs().mean()
         torch.testing.assert_close(phi.detach(), (1 + 0.1 * l).clamp(min=1e-3))
+
+
+def steps_of(foreach, config, base, params_fn, grads_fn, steps=5, **extra):
+    params = params_fn()
+    opt = KintsugiOptimizer(params, lr=0.05, foreach=foreach, **base, **config, **extra)
+    for step in range(steps):
+        for p, g in zip(params, grads_fn(step, params)):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in params], [opt.state[p]["phi"] for p in params]
+
+
+def mixed_params():
+    """float64, float32 and bfloat16 tensors, one of each whose gradient is always zero."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(s, generator=g, dtype=d).requires_grad_()
+            for d in (torch.float64, torch.float32, torch.bfloat16) for s in ((5, 4), (3,))]
+
+
+def zero_in_each_dtype(step, params):
+    g = torch.Generator().manual_seed(7 + step)
+    return [torch.zeros(p.shape, dtype=p.dtype) if p.dim() == 1 else
+            torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+@pytest.mark.parametrize("beta", [0.01, 4.0, 100.0])
+@pytest.mark.parametrize("base", BASES[:4], ids=lambda b: "-".join(map(str, b.values())))
+@pytest.mark.parametrize("config", CONFIGS[::5], ids=lambda c: "-".join(map(str, c.values())))
+def test_foreach_matches_single_tensor_with_zero_gradients(config, base, beta):
+    """A tensor whose gradient is all zero has 1/mean|g| = 1/tiny: a large β must not overflow
+    the folded rate β/mean into inf (0·inf = NaN). bfloat16 θ takes torch's own op order."""
+    ours = steps_of(True, config, base, mixed_params, zero_in_each_dtype, beta=beta)
+    for phi in ours[1]:
+        assert torch.isfinite(phi).all() and (phi > 0).all()
+    if config["phi_norm"] is None and beta > 1:
+        return  # ϕ grows without bound, and θ with it: only rounding would be compared
+    single = steps_of(False, config, base, mixed_params, zero_in_each_dtype, beta=beta)
+    for x, y in zip(ours[0] + ours[1], single[0] + single[1]):
+        tol = dict(rtol=2e-2, atol=2e-2) if x.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x, y, **tol)
+
+
+def test_float16_gilder_beyond_float16_range_matches_single_tensor():
+    """Relative l/mean reaches n, past float16's largest value for n > 65504: not finite."""
+    results = []
+    for foreach in (False, True):
+        phi = torch.ones(70_000, dtype=torch.float16, requires_grad=True)
+        opt = GilderOptimizer([phi], beta=0.01, fracture="relative", foreach=foreach)
+        grad = torch.zeros(70_000, dtype=torch.float16)
+        grad[0] = 10.0
+        phi.grad = grad
+        opt.step()
+        results.append(phi.detach().clone())
+    assert torch.isfinite(results[1]).all()
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("impl", ["single", "foreach", "fused"])
+@pytest.mark.parametrize("pathway", ["element", "row", "tensor"])
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)])
+def test_parameters_without_elements_step_beside_others(shape, pathway, impl):
+    empty, other = torch.zeros(shape, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    opt = KintsugiOptimizer([empty, other], base="adam", pathway=pathway,
+                            foreach=impl == "foreach", fused=(impl == "fused") or None)
+    for _ in range(2):
+        empty.grad, other.grad = torch.zeros(shape), torch.randn(4, 3)
+        opt.step()
+    phi = opt.state[other]["phi"]
+    assert torch.isfinite(phi).all() and (phi > 0).all()
+    assert opt.state[empty]["phi"].shape == (() if pathway == "tensor" else
+                                             shape if pathway == "element" else shape[:1])
