@@ -421,13 +421,7 @@ def _multi_tensor_gild(
                 else:
                     torch._foreach_mul_(u, _cpu_scalars(scales, acc))
         elif relative:
-            # Out of place on the norms: the norm of a sharded DTensor (FSDP2) is a pending
-            # reduction, which an in-place op may not resolve. Here and below.
-            means = torch._foreach_norm(u, 1)  # Σ|l|
-            means = torch._foreach_div(means, numels)
-            means = torch._foreach_clamp_min(means, tiny)
-            torch._foreach_div_(u, means)
-            del means
+            relative_fracture_(u, foreach=True)
         if gamma != 0:
             damping = torch._foreach_mul(device_phis, -gamma)
             torch._foreach_add_(damping, 1.0)
@@ -786,7 +780,7 @@ def _foreach_fracture(
     if pathway == "tensor":
         if _cpu_eager(a):
             return [t.mean() for t in a]  # sum's kernel is ~4× faster than _foreach_norm's
-        means = torch._foreach_norm(a, 1)  # out-of-place division: see _multi_tensor_gild
+        means = torch._foreach_norm(a, 1)  # out-of-place division: see relative_fracture_
         return list(torch._foreach_div(means, [max(t.numel(), 1) for t in a]))
     # torch has no foreach reduction along a dim: the row means are one op per tensor.
     # A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
@@ -891,7 +885,7 @@ def _multi_tensor_adam_direction_step(
             denom = torch._foreach_sqrt(max_exp_avg_sqs)
         else:
             denom = torch._foreach_sqrt(exp_avg_sqs)
-        if _fast_scalars(params):
+        if fast:
             # lr/bc1 · m / (√v/√bc2 + ε) = (lr·√bc2/bc1) · m / (√v + ε·√bc2): torch's step
             # with its division by √bc2 folded into two scalars, so that the division by ϕ
             # costs no pass more than torch's own.

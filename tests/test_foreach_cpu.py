@@ -7,22 +7,13 @@ every run of one tensor, and the path an accelerator takes (no host reads), whic
 otherwise never exercise.
 """
 
-import itertools
-
 import pytest
 import torch
 
 import kintsugi_optim.functional as functional
 from kintsugi_optim import GilderOptimizer, KintsugiOptimizer
+from test_properties import CONFIGS, SPECIAL
 
-SPECIAL = [0.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan")]
-CONFIGS = [
-    dict(pathway=pw, fracture=fr, phi_norm=pn, ascent=asc, positivity=pos, gamma=gm, l1=l1)
-    for pw, fr, pn, asc, pos, gm, l1 in itertools.product(
-        ("element", "row", "tensor"), ("relative", "abs"), ("mean", None),
-        ("additive", "multiplicative"), ("clamp", "softplus"), (0.0, 0.5), (0.0, 0.1))
-    if not (asc == "multiplicative" and pos == "softplus")
-]
 BASES = [
     dict(base="adam"),
     dict(base="adam", amsgrad=True, maximize=True, weight_decay=0.1),
