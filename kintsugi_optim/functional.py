@@ -654,8 +654,8 @@ def _single_tensor_sculpt(
 # which glibc hands back to the OS to fault in again next step. Stepped a run of tensors at a
 # time, every pass after a run's first finds its buffers in cache and the temporaries stay
 # small. The bytes are those of the parameters in a run; its working set is ~6× that, in L2/L3.
-# 1 MiB measured best on a 2-core EPYC (2 MiB L2 a core, 32 MiB L3): 256 KiB costs more in
-# per-run overhead, 4 MiB and more in cache misses (benchmarks/README.md).
+# 1 MiB measured best on a 2-core AMD EPYC (Zen 5: 1 MiB L2 a core, 32 MiB L3): 256 KiB
+# costs more in per-run overhead, 4 MiB and more in cache misses (benchmarks/README.md).
 _CPU_RUN_BYTES = 1 << 20
 
 
