@@ -555,16 +555,20 @@ def _single_tensor_sculpt(
     capturable: bool,
     differentiable: bool,
     pathway: str,
+    gild_run: Callable[[list[Tensor], list[Tensor]], None],
     **_,
-) -> list[Tensor]:
-    """θ ← θ − lr·ϕ·d per parameter; returns the raw fractures (ϕ is gilded by the caller)."""
+) -> None:
+    """θ ← θ − lr·ϕ·d per parameter.
+
+    After each parameter's θ step, ``gild_run([phi], [fracture])`` receives its ϕ and raw
+    fracture, as :func:`_multi_tensor_sculpt` hands over a run's.
+    """
     if not torch.jit.is_scripting():
         lr = _to_scalar(lr)
-    fractures = []
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         phi = phis[i]
-        fractures.append(fracture(grad, pathway, phi.dtype))
+        raw_fracture = fracture(grad, pathway, phi.dtype)
         if torch.is_complex(param):
             grad = torch.view_as_real(grad)
             param = torch.view_as_real(param)
@@ -590,6 +594,7 @@ def _single_tensor_sculpt(
                 param.addcmul_(scaled, lr, value=-1)
             else:
                 param.add_(scaled, alpha=-lr)
+            gild_run([phi], [raw_fracture])
             continue
 
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -646,7 +651,7 @@ def _single_tensor_sculpt(
             param.addcdiv_(exp_avg, denom, value=-step_size)
         if amsgrad and torch.is_complex(params[i]):
             max_exp_avg_sqs[i] = torch.view_as_complex(max_exp_avg_sqs[i])
-    return fractures
+        gild_run([phi], [raw_fracture])
 
 
 # On the CPU a _foreach_ op is a loop over its tensors, so a step made of ~15 of them streams
@@ -974,20 +979,18 @@ def sculpt(
         return
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
-    if not foreach or torch.jit.is_scripting():
-        fractures = _single_tensor_sculpt(*state, **hyper)
-        gild_pathways(phis, fractures, rhos, pathway=pathway, foreach=False, **gilding)
-        return
+    foreach = bool(foreach) and not torch.jit.is_scripting()
+    step = _multi_tensor_sculpt if foreach else _single_tensor_sculpt
     rho_of = {id(p): r for p, r in zip(phis, rhos)} if rhos is not None else None
 
     def gild_run(run_phis: list[Tensor], fractures: list[Tensor]) -> None:
         run_rhos = [rho_of[id(p)] for p in run_phis] if rho_of is not None else None
-        gild_pathways(run_phis, fractures, run_rhos, pathway=pathway, foreach=True, **gilding)
+        gild_pathways(run_phis, fractures, run_rhos, pathway=pathway, foreach=foreach, **gilding)
 
-    if pathway != "tensor":  # each tensor is its own scope: gild each run while it is in cache
-        _multi_tensor_sculpt(*state, **hyper, gild_run=gild_run)
+    if pathway != "tensor":  # each tensor is its own scope: gild it while it is in cache
+        step(*state, **hyper, gild_run=gild_run)
         return
-    # The tensor pathway's scope is the whole group: gild once, after every run's θ step.
+    # The tensor pathway's scope is the whole group: gild once, after every θ step.
     scope_phis: list[Tensor] = []
     scope_fractures: list[Tensor] = []
 
@@ -995,7 +998,7 @@ def sculpt(
         scope_phis.extend(run_phis)
         scope_fractures.extend(fractures)
 
-    _multi_tensor_sculpt(*state, **hyper, gild_run=collect)
+    step(*state, **hyper, gild_run=collect)
     gild_run(scope_phis, scope_fractures)
 
 
