@@ -19,6 +19,7 @@ more read of g and one more read and write of ϕ (48 instead of 36 bytes per fp3
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from itertools import accumulate
@@ -55,6 +56,9 @@ _BLOCK = 2048  # elements per program of the flat kernels
 _NUM_WARPS = 8
 _ROW_TILE = 2048  # elements per program of the row kernel: [TILE // C rows, C columns]
 _SCOPE_CHUNK = 1024  # ϕ per iteration of a scope program
+# Multiply-adds fused (FMA), as nvcc compiles torch's own fused kernels; said explicitly since
+# Triton 3.10 stops fusing by default.
+_COMPILE = dict(enable_fp_fusion=True)
 
 
 @triton.jit
@@ -96,7 +100,12 @@ def _base_step(
     UNSCALE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """θ ← θ − lr·ϕ·d for the lanes `offs` (any shape) of the tensor in table row `row`, with
-    SGD/Adam/AdamW's d as torch computes it; returns |g| (unscaled, before weight decay)."""
+    SGD/Adam/AdamW's d as torch computes it; returns |g| (unscaled, before weight decay).
+
+    The scalars come in float64 (the kernels' arguments) and are rounded to CT where they meet
+    the data, as torch's fused kernels do with their double arguments; lr·wd and lr / (1 − β1^t)
+    are formed in float64 first, as torch forms them in Python floats."""
+    weight_decay_ct = weight_decay.to(CT)
     grad_ptr = _address(tensors, row, _GRAD, DTYPE, ALIGNED) + offs
     g = tl.load(grad_ptr, mask=mask).to(CT)
     if UNSCALE:  # GradScaler: unscale, and store the grads unscaled as torch's fused Adam does
@@ -109,39 +118,40 @@ def _base_step(
     p = tl.load(param_ptr, mask=mask).to(CT)
     if BASE == _SGD:
         if weight_decay != 0:
-            g = g + p * weight_decay
+            g = g + p * weight_decay_ct
         d = g
         if HAS_MOMENTUM:
+            momentum_ct = momentum.to(CT)
             buf_ptr = _address(tensors, row, _MOMENTUM, DTYPE, ALIGNED) + offs
             if tl.load(row + _FRESH) != 0:
                 buf = g
             else:
-                buf = tl.load(buf_ptr, mask=mask).to(CT) * momentum + g * dampening_keep
+                buf = tl.load(buf_ptr, mask=mask).to(CT) * momentum_ct + g * dampening_keep.to(CT)
             tl.store(buf_ptr, buf.to(DTYPE), mask=mask)
             if NESTEROV:
-                d = g + buf * momentum
+                d = g + buf * momentum_ct
             else:
                 d = buf
-        p = p - lr * (d * phi)
+        p = p - lr.to(CT) * (d * phi)
     else:
         # Bias corrections in float64, as torch's fused Adam computes them.
         step = tl.load(_address(tensors, row, _STEP, tl.float32, False)).to(tl.float64)
-        bias_correction1 = 1.0 - tl.exp(step * tl.cast(log_beta1, tl.float64))
-        bias_correction2 = 1.0 - tl.exp(step * tl.cast(log_beta2, tl.float64))
-        step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(CT)
+        bias_correction1 = 1.0 - tl.exp(step * log_beta1)
+        bias_correction2 = 1.0 - tl.exp(step * log_beta2)
+        step_size = (lr / bias_correction1).to(CT)
         inv_bias_correction2_sqrt = (1.0 / tl.sqrt(bias_correction2)).to(CT)
         if BASE == _ADAMW:
-            p = p * (1 - lr * weight_decay)
+            p = p * (1 - lr * weight_decay).to(CT)
         elif weight_decay != 0:
-            g = g + p * weight_decay
+            g = g + p * weight_decay_ct
         m_ptr = _address(tensors, row, _EXP_AVG, DTYPE, ALIGNED) + offs
         v_ptr = _address(tensors, row, _EXP_AVG_SQ, DTYPE, ALIGNED) + offs
         m = tl.load(m_ptr, mask=mask).to(CT)
         if lerp_weight < 0.5:  # torch's lerp, whose formula depends on the weight
-            m = m + lerp_weight * (g - m)
+            m = m + lerp_weight.to(CT) * (g - m)
         else:
-            m = g - (g - m) * (1 - lerp_weight)
-        v = tl.load(v_ptr, mask=mask).to(CT) * beta2 + one_minus_beta2 * g * g
+            m = g - (g - m) * (1 - lerp_weight.to(CT))
+        v = tl.load(v_ptr, mask=mask).to(CT) * beta2.to(CT) + one_minus_beta2.to(CT) * g * g
         tl.store(m_ptr, m.to(DTYPE), mask=mask)
         tl.store(v_ptr, v.to(DTYPE), mask=mask)
         second = v
@@ -149,7 +159,7 @@ def _base_step(
             max_ptr = _address(tensors, row, _MAX_EXP_AVG_SQ, DTYPE, ALIGNED) + offs
             second = tl.maximum(tl.load(max_ptr, mask=mask).to(CT), v, propagate_nan=tl.PropagateNan.ALL)
             tl.store(max_ptr, second.to(DTYPE), mask=mask)
-        denom = tl.sqrt(second) * inv_bias_correction2_sqrt + eps
+        denom = tl.sqrt(second) * inv_bias_correction2_sqrt + eps.to(CT)
         p = p - step_size * (m * phi / denom)
     tl.store(param_ptr, p.to(DTYPE), mask=mask)
     return fracture
@@ -158,7 +168,10 @@ def _base_step(
 @triton.jit
 def _gild(phi, l, rho, beta, gamma, l1, phi_min, cap, MULTIPLICATIVE: tl.constexpr,
           SOFTPLUS: tl.constexpr):
-    """ϕ' (clamped, before normalisation) and ρ' for fracture l (SPEC §2.2)."""
+    """ϕ' (clamped, before normalisation) and ρ' for fracture l (SPEC §2.2); the scalars in
+    float64, rounded to ϕ's compute type here."""
+    ct = phi.dtype
+    beta, gamma, l1, phi_min = beta.to(ct), gamma.to(ct), l1.to(ct), phi_min.to(ct)
     u = l
     if gamma != 0:
         u = u * tl.maximum(1 - gamma * phi, 0)
@@ -276,9 +289,11 @@ def _flat_step_block(
 
 @triton.jit
 def _flat_step_kernel(
-    blocks, tensors, sums, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
-    lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, momentum,
-    dampening_keep, beta, gamma, l1, phi_min, phi_max,
+    blocks, tensors, sums, lr_ptr, lr_value: tl.float64, grad_scale_ptr, found_inf_ptr,
+    lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+    log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+    momentum: tl.float64, dampening_keep: tl.float64, beta: tl.float64, gamma: tl.float64,
+    l1: tl.float64, phi_min: tl.float64, phi_max: tl.float64,
     DTYPE: tl.constexpr, PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr,
     TINY: tl.constexpr, BASE: tl.constexpr, AMSGRAD: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -291,7 +306,7 @@ def _flat_step_kernel(
     the normalisation); tensor pathway: one ϕ for the tensor, sums[t, 0] += Σ|g|."""
     t, row, offs, numel, whole = _flat_block(blocks, tensors, BLOCK)
     live = _live(found_inf_ptr, HAS_FOUND_INF)
-    lr = tl.load(lr_ptr).to(CT) if LR_IS_TENSOR else tl.cast(lr_value, CT)
+    lr = tl.load(lr_ptr).to(tl.float64) if LR_IS_TENSOR else lr_value
     grad_scale = tl.load(grad_scale_ptr).to(CT) if UNSCALE else 1.0
     if whole:
         _flat_step_block(
@@ -313,9 +328,10 @@ def _flat_step_kernel(
 
 @triton.jit
 def _row_step_kernel(
-    blocks, tensors, row_sums, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
-    lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, momentum,
-    dampening_keep,
+    blocks, tensors, row_sums, lr_ptr, lr_value: tl.float64, grad_scale_ptr, found_inf_ptr,
+    lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
+    log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+    momentum: tl.float64, dampening_keep: tl.float64,
     DTYPE: tl.constexpr, PHI_DTYPE: tl.constexpr, CT: tl.constexpr, BASE: tl.constexpr,
     AMSGRAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, LR_IS_TENSOR: tl.constexpr, UNSCALE: tl.constexpr,
@@ -336,7 +352,7 @@ def _row_step_kernel(
     row_mask = (rows < n_rows) & _live(found_inf_ptr, HAS_FOUND_INF)
     mask = row_mask[:, None] & (cols < row_len)[None, :]
     offs = rows[:, None] * row_len + cols[None, :]
-    lr = tl.load(lr_ptr).to(CT) if LR_IS_TENSOR else tl.cast(lr_value, CT)
+    lr = tl.load(lr_ptr).to(tl.float64) if LR_IS_TENSOR else lr_value
     grad_scale = tl.load(grad_scale_ptr).to(CT) if UNSCALE else 1.0
     phi = tl.load(_address(tensors, row, _PHI, PHI_DTYPE, False) + rows, mask=row_mask).to(CT)
     fracture = _base_step(
@@ -394,7 +410,8 @@ def _scope_lanes(tensors, row, sums, row_sums, row_len, idx, mask, PHI_DTYPE: tl
 
 @triton.jit
 def _gild_scopes_kernel(
-    scopes, tensors, sums, row_sums, found_inf_ptr, n_group, beta, gamma, l1, phi_min, phi_max,
+    scopes, tensors, sums, row_sums, found_inf_ptr, n_group, beta: tl.float64, gamma: tl.float64,
+    l1: tl.float64, phi_min: tl.float64, phi_max: tl.float64,
     PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr, TINY: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, GROUP: tl.constexpr, RELATIVE: tl.constexpr,
     NORM: tl.constexpr, HAS_PHI_MAX: tl.constexpr, MULTIPLICATIVE: tl.constexpr,
@@ -464,8 +481,17 @@ _TRITON_DTYPES = {
 
 
 def _to_device(rows: list, device: torch.device) -> Tensor:
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cpu":  # Triton's interpreter (see _launch_context)
+        return table
     # Pinned and non-blocking: building a plan never waits for the GPU.
-    return torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _launch_context(device: torch.device):
+    """The context the kernels launch in. CPU tensors come here only when the kernels run in
+    Triton's interpreter (``TRITON_INTERPRET=1``), as the tests run them without a GPU."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
 
 
 class _Launches:
@@ -636,7 +662,7 @@ def fused_sculpt_cuda(
     )
     has_found_inf = found_inf is not None
 
-    with torch.cuda.device(device):
+    with _launch_context(device):
         if state_steps:  # as torch's fused Adam: count, and uncount below if found_inf
             torch._foreach_add_(state_steps, 1)
         plan.scratch.zero_()
@@ -653,34 +679,35 @@ def fused_sculpt_cuda(
                         launch.flat, plan.tensors, plan.sums, pointers["grad_scale_ptr"],
                         pointers["found_inf_ptr"], DTYPE=dtype, CT=ct,
                         UNSCALE=grad_scale is not None, HAS_FOUND_INF=has_found_inf,
-                        ALIGNED=launch.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+                        ALIGNED=launch.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **_COMPILE,
                     )
                 _flat_step_kernel[grid](
                     launch.flat, plan.tensors, plan.sums, lr_value=lr_value, **pointers,
                     **base_args, **gild_args, DTYPE=dtype, PHI_DTYPE=phi_dtype, CT=ct,
                     FMAX=finfo.max, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf,
                     ELEMENT=element, RELATIVE=relative, ALIGNED=launch.aligned, BLOCK=_BLOCK,
-                    num_warps=_NUM_WARPS,
+                    num_warps=_NUM_WARPS, **_COMPILE,
                 )
                 if element and norm_mean:
                     _normalise_kernel[grid](
                         launch.flat, plan.tensors, plan.sums, pointers["found_inf_ptr"],
                         PHI_DTYPE=phi_dtype, CT=ct, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf,
                         SOFTPLUS=softplus, ALIGNED=launch.aligned, BLOCK=_BLOCK,
-                        num_warps=_NUM_WARPS,
+                        num_warps=_NUM_WARPS, **_COMPILE,
                     )
             for cols, rows_aligned, blocks, n_blocks in launch.tiles:
                 _row_step_kernel[(n_blocks,)](
                     blocks, plan.tensors, plan.row_sums, lr_value=lr_value, **pointers, **base_args,
                     DTYPE=dtype, PHI_DTYPE=phi_dtype, CT=ct, HAS_FOUND_INF=has_found_inf,
                     ALIGNED=rows_aligned, ROWS=_ROW_TILE // cols, COLS=cols, num_warps=_NUM_WARPS,
+                    **_COMPILE,
                 )
             if launch.row_scopes is not None:
                 _gild_scopes_kernel[(launch.row_scopes.numel(),)](
                     launch.row_scopes, plan.tensors, plan.sums, plan.row_sums,
                     pointers["found_inf_ptr"], n_group=0, **gild_args, PHI_DTYPE=phi_dtype, CT=ct,
                     FMAX=finfo.max, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf, GROUP=False,
-                    RELATIVE=relative, CHUNK=_SCOPE_CHUNK, num_warps=4,
+                    RELATIVE=relative, CHUNK=_SCOPE_CHUNK, num_warps=4, **_COMPILE,
                 )
         if pathway == "tensor":
             phi_dtype = phis[0].dtype
@@ -690,7 +717,7 @@ def fused_sculpt_cuda(
                 n_group=plan.n, **gild_args, PHI_DTYPE=_TRITON_DTYPES[phi_dtype],
                 CT=tl.float64 if phi_dtype == torch.float64 else tl.float32, FMAX=finfo.max,
                 TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf, GROUP=True, RELATIVE=relative,
-                CHUNK=_SCOPE_CHUNK, num_warps=4,
+                CHUNK=_SCOPE_CHUNK, num_warps=4, **_COMPILE,
             )
         if state_steps and found_inf is not None:
             torch._foreach_sub_(state_steps, [found_inf] * len(state_steps))

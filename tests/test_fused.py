@@ -2,22 +2,45 @@
 
 One table of configurations (as torch's OptimizerInfo) drives the parity tests on every device:
 CPU in CI (the first test builds the C++ extension, about half a minute once per machine), CUDA
-where present (the Triton kernels).
+where present (the Triton kernels), and "triton-interpreter": CPU tensors stepped by the CUDA
+path's Triton kernels in Triton's interpreter, which checks their logic without a GPU (where
+triton is installed).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
 from torch import nn
 
+import kintsugi_optim._fused
 from kintsugi_optim import KintsugiOptimizer
 from kintsugi_optim import functional as F
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+requires_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda]),
+    pytest.param("triton-interpreter", marks=requires_triton),
+]
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    """The device the parameters live on; "triton-interpreter" puts them on the CPU and sends
+    the fused step to the interpreted Triton kernels in place of the C++ one."""
+    if request.param != "triton-interpreter":
+        return request.param
+    from triton_interpreter import interpreted_cuda_step
+
+    step = interpreted_cuda_step(monkeypatch)
+    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: step)
+    return "cpu"
 
 # beta=0.2 makes gilding visible within a few steps.
 CONFIGS = {
@@ -86,7 +109,7 @@ def built_kernel():
     _cpu_kernel()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_fused_equals_single_tensor(config, device):
     reference, fused = make_params(device), make_params(device)
@@ -95,7 +118,7 @@ def test_fused_equals_single_tensor(config, device):
     assert_same(reference, opt_ref, fused, opt_fused)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("pathway", ["element", "row"])
 def test_large_tensors_split_across_threads(pathway, device):
     """Tensors past the CPU kernel's 2^18 elements are stepped by all threads together."""
@@ -106,7 +129,7 @@ def test_large_tensors_split_across_threads(pathway, device):
     assert_same(reference, opt_ref, fused, opt_fused)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_float64_is_exact_to_rounding(device):
     reference, fused = make_params(device, torch.float64), make_params(device, torch.float64)
     opt_ref = run(reference, foreach=False, pathway="row")
@@ -114,7 +137,7 @@ def test_float64_is_exact_to_rounding(device):
     assert_same(reference, opt_ref, fused, opt_fused, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_follow_the_float32_step(dtype, device):
     """bf16/fp16 params: θ and moments stored in their dtype, ϕ in float32, all maths in float32
@@ -134,7 +157,7 @@ def test_low_precision_params_follow_the_float32_step(dtype, device):
         torch.testing.assert_close(opt_low.state[p]["phi"], opt_high.state[q]["phi"], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_layouts_that_are_not_walked_flat(device):
     """A transposed parameter with a contiguous grad and a channels_last conv weight under the
     row pathway step like the reference."""
@@ -157,7 +180,7 @@ def test_layouts_that_are_not_walked_flat(device):
         assert_same(reference, opt_ref, fused, opt_fused)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_tensor_pathway_spans_param_groups_separately(device):
     """The tensor pathway's scope is each param group: two groups gild independently."""
     def groups(params):
@@ -169,7 +192,7 @@ def test_tensor_pathway_spans_param_groups_separately(device):
     assert_same(reference, opt_ref, fused, opt_fused)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("config", ["adam-default", "sgd-momentum", "row", "tensor"])
 def test_grad_scale_and_found_inf(config, device):
     """As torch's fused Adam under GradScaler: grads divided by grad_scale (and stored back
@@ -202,7 +225,7 @@ def test_grad_scale_and_found_inf(config, device):
             assert torch.equal(value, opt_fused.state_dict()["state"][key][name]), name
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_lr_as_tensor(device):
     as_float, as_tensor = make_params(device), make_params(device)
     opt_float = run(as_float, fused=True, lr=0.05)
@@ -210,7 +233,7 @@ def test_lr_as_tensor(device):
     assert_same(as_float, opt_float, as_tensor, opt_tensor, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_non_finite_grads_keep_phi_finite_and_positive(device):
     params = make_params(device)
     opt = KintsugiOptimizer(params, fused=True, beta=0.5)
@@ -300,6 +323,30 @@ def test_default_never_picks_fused(monkeypatch):
     monkeypatch.setattr(kintsugi_optim._fused, "fused_sculpt", refuse)
     params = make_params("cpu")
     run(params, steps=1)
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests launch the kernels")
+def test_cuda_kernels_compile_for_hopper(monkeypatch, tmp_path):
+    """Without a GPU: every kernel specialisation the configurations reach (dtypes, bases,
+    pathways, gilding options, GradScaler) compiles down to an sm_90 cubin."""
+    from triton_interpreter import compile_only
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiled = compile_only(monkeypatch, arch=90)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for config in CONFIGS.values():
+            params = make_params("cpu", dtype)
+            run(params, steps=1, fused=True, **config)
+        opt = KintsugiOptimizer(make_params("cpu", dtype), fused=True)
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+        opt.step()
+    names = {name for name, _ in compiled}
+    assert names == {"_abs_sum_kernel", "_flat_step_kernel", "_normalise_kernel",
+                     "_row_step_kernel", "_gild_scopes_kernel"}
+    assert all("cubin" in kernel.asm for _, kernel in compiled)
 
 
 @requires_cuda
