@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-import kintsugi_optim._fused
 from kintsugi_optim import KintsugiOptimizer
 from kintsugi_optim import functional as F
 
@@ -36,10 +35,9 @@ def device(request, monkeypatch):
     the fused step to the interpreted Triton kernels in place of the C++ one."""
     if request.param != "triton-interpreter":
         return request.param
-    from triton_interpreter import interpreted_cuda_step
+    from triton_interpreter import use_interpreted_cuda_kernels
 
-    step = interpreted_cuda_step(monkeypatch)
-    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: step)
+    use_interpreted_cuda_kernels(monkeypatch)
     return "cpu"
 
 # beta=0.2 makes gilding visible within a few steps.

@@ -1,6 +1,8 @@
 """With beta=0 the Sculptor is torch's SGD / Adam / AdamW: bitwise on the single-tensor path,
-allclose(rtol=1e-6, atol=1e-7) on foreach, for every option combination (SPEC §2.3)."""
+allclose(rtol=1e-6, atol=1e-7) on foreach and fused (the C++ kernel, and the CUDA path's Triton
+kernels in Triton's interpreter), for every option combination (SPEC §2.3)."""
 
+import importlib.util
 import itertools
 
 import pytest
@@ -33,7 +35,9 @@ def _case_id(case):
 
 
 def run_pair(base, torch_cls, options, *, foreach, lr=0.01, pathway="element", steps=20,
-             dtype=torch.float32, complex_param=False):
+             dtype=torch.float32, complex_param=False, fused=None):
+    """The Sculptor with β = 0 (``fused=True``: its fused step) and ``torch_cls`` stepped side
+    by side from the same parameters and gradients; returns both sets of parameters."""
     g = torch.Generator().manual_seed(0)
     shapes = [(6, 5), (6,), ()]
     init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
@@ -45,7 +49,7 @@ def run_pair(base, torch_cls, options, *, foreach, lr=0.01, pathway="element", s
     if base == "adamw" and "weight_decay" not in options:
         options["weight_decay"] = 1e-2
     sculptor = KintsugiOptimizer(ours, lr=lr, base=base, beta=0.0, pathway=pathway,
-                                 foreach=foreach, **options)
+                                 foreach=None if fused else foreach, fused=fused, **options)
     reference = torch_cls(theirs, lr=lr, foreach=foreach, **options)
     for _ in range(steps):
         for p, q in zip(ours, theirs):
@@ -67,6 +71,22 @@ def test_single_tensor_is_bitwise_torch(case, pathway):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_foreach_matches_torch(case):
     ours, theirs = run_pair(*case, foreach=True)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("kernel", [
+    "cpu",
+    pytest.param("triton-interpreter", marks=pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")),
+])
+def test_fused_matches_torch(case, kernel, monkeypatch):
+    if kernel == "triton-interpreter":
+        from triton_interpreter import use_interpreted_cuda_kernels
+
+        use_interpreted_cuda_kernels(monkeypatch)
+    ours, theirs = run_pair(*case, foreach=False, fused=True, steps=5)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 

@@ -49,6 +49,15 @@ def _interpreted_module():
     return module
 
 
+def use_interpreted_cuda_kernels(monkeypatch):
+    """For the duration of one test, CPU tensors' fused steps go to ``fused_sculpt_cuda`` with
+    interpreted kernels, in place of the C++ kernel."""
+    import kintsugi_optim._fused
+
+    step = interpreted_cuda_step(monkeypatch)
+    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: step)
+
+
 def interpreted_cuda_step(monkeypatch):
     """``fused_sculpt_cuda`` with interpreted kernels, for the duration of one test."""
     # Imported before TRITON_INTERPRET is set, so that triton.language's own jit functions
