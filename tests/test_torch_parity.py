@@ -75,17 +75,23 @@ def test_foreach_matches_torch(case):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("kernel", [
-    "cpu",
-    pytest.param("triton-interpreter", marks=pytest.mark.skipif(
-        importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")),
-])
-def test_fused_matches_torch(case, kernel, monkeypatch):
+def use_kernel(kernel, monkeypatch):
+    """The fused step's kernel: "cpu" (C++) or "triton-interpreter" (the CUDA path's)."""
     if kernel == "triton-interpreter":
         from triton_interpreter import use_interpreted_cuda_kernels
 
         use_interpreted_cuda_kernels(monkeypatch)
+
+
+requires_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
+FUSED_KERNELS = ["cpu", pytest.param("triton-interpreter", marks=requires_triton)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+def test_fused_matches_torch(case, kernel, monkeypatch):
+    use_kernel(kernel, monkeypatch)
     ours, theirs = run_pair(*case, foreach=False, fused=True, steps=5)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
@@ -116,9 +122,13 @@ def test_float64_and_default_construction_match_torch():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("impl", ["foreach", "fused"])
-def test_beta_zero_keeps_phi_exactly_one_whatever_the_size(impl):
+@pytest.mark.parametrize("impl", [
+    "foreach", "fused", pytest.param("fused-triton-interpreter", marks=requires_triton)])
+def test_beta_zero_keeps_phi_exactly_one_whatever_the_size(impl, monkeypatch):
     # Mean normalisation must not drift ϕ ≡ 1 by a rounding (it did for n = 41, 47, 55, ...).
+    if impl == "fused-triton-interpreter":
+        use_kernel("triton-interpreter", monkeypatch)
+        impl = "fused"
     g = torch.Generator().manual_seed(0)
     for n in range(1, 130):
         p = torch.randn(n, generator=g, requires_grad=True)
