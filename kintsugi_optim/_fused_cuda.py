@@ -87,6 +87,22 @@ def _softplus_inverse(phi):
 
 
 @triton.jit
+def _div_rn(a, b, CT: tl.constexpr):
+    # Correctly rounded, as nvcc compiles torch's kernels: Triton's float32 division is
+    # approximate by default (its float64 one is not, and div_rn takes float32 only).
+    if CT == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
+def _sqrt_rn(x, CT: tl.constexpr):
+    if CT == tl.float32:  # as _div_rn
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
 def _scalar(value, CT: tl.constexpr):
     return tl.full([], value, CT)
 
@@ -147,10 +163,11 @@ def _base_step(
         m_ptr = _address(tensors, row, _EXP_AVG, DTYPE, ALIGNED) + offs
         v_ptr = _address(tensors, row, _EXP_AVG_SQ, DTYPE, ALIGNED) + offs
         m = tl.load(m_ptr, mask=mask).to(CT)
-        if lerp_weight < 0.5:  # torch's lerp, whose formula depends on the weight
-            m = m + lerp_weight.to(CT) * (g - m)
+        weight = lerp_weight.to(CT)
+        if weight < 0.5:  # torch's lerp, whose formula depends on the weight as rounded
+            m = m + weight * (g - m)
         else:
-            m = g - (g - m) * (1 - lerp_weight.to(CT))
+            m = g - (g - m) * (1 - weight)
         v = tl.load(v_ptr, mask=mask).to(CT) * beta2.to(CT) + one_minus_beta2.to(CT) * g * g
         tl.store(m_ptr, m.to(DTYPE), mask=mask)
         tl.store(v_ptr, v.to(DTYPE), mask=mask)
@@ -159,8 +176,8 @@ def _base_step(
             max_ptr = _address(tensors, row, _MAX_EXP_AVG_SQ, DTYPE, ALIGNED) + offs
             second = tl.maximum(tl.load(max_ptr, mask=mask).to(CT), v, propagate_nan=tl.PropagateNan.ALL)
             tl.store(max_ptr, second.to(DTYPE), mask=mask)
-        denom = tl.sqrt(second) * inv_bias_correction2_sqrt + eps.to(CT)
-        p = p - step_size * (m * phi / denom)
+        denom = _sqrt_rn(second, CT) * inv_bias_correction2_sqrt + eps.to(CT)
+        p = p - step_size * _div_rn(m * phi, denom, CT)
     tl.store(param_ptr, p.to(DTYPE), mask=mask)
     return fracture
 
@@ -367,7 +384,7 @@ def _row_step_kernel(
 @triton.jit
 def _normalise_block(tensors, row, t, offs, mask, numel, sums, PHI_DTYPE: tl.constexpr, CT: tl.constexpr,
                      TINY: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
-    factor = numel.to(CT) / tl.load(sums + 2 * t + 1).to(CT)  # one rounding: ϕ ≡ 1 stays 1
+    factor = _div_rn(numel.to(CT), tl.load(sums + 2 * t + 1).to(CT), CT)  # ϕ ≡ 1 stays 1
     phi_ptr = _address(tensors, row, _PHI, PHI_DTYPE, ALIGNED) + offs
     out = tl.maximum(tl.load(phi_ptr, mask=mask).to(CT) * factor, _scalar(TINY, CT))
     tl.store(phi_ptr, out.to(PHI_DTYPE), mask=mask)
@@ -458,7 +475,7 @@ def _gild_scopes_kernel(
     if NORM:
         # The normalisation reads ϕ' that other threads of this program wrote.
         tl.debug_barrier()
-        factor = tl.cast(n, CT) / tl.sum(phi_total, axis=0)
+        factor = _div_rn(tl.cast(n, CT), tl.sum(phi_total, axis=0), CT)  # ϕ ≡ 1 stays 1
         for start in range(0, n, CHUNK):
             idx = start + lanes
             mask = (idx < n) & live
@@ -482,15 +499,16 @@ _TRITON_DTYPES = {
 
 def _to_device(rows: list, device: torch.device) -> Tensor:
     table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cpu":  # Triton's interpreter (see _launch_context)
+    if device.type == "cpu":  # only in the tests (see _launch_context)
         return table
     # Pinned and non-blocking: building a plan never waits for the GPU.
     return table.pin_memory().to(device, non_blocking=True)
 
 
 def _launch_context(device: torch.device):
-    """The context the kernels launch in. CPU tensors come here only when the kernels run in
-    Triton's interpreter (``TRITON_INTERPRET=1``), as the tests run them without a GPU."""
+    """The context the kernels launch in. CPU tensors come here only from the tests, which
+    check the kernels without a GPU: run in Triton's interpreter (``TRITON_INTERPRET=1``), or
+    compiled for a GPU they never launch on (tests/triton_interpreter.py)."""
     return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
 
 

@@ -10,7 +10,7 @@ triton is installed).
 from __future__ import annotations
 
 import copy
-import importlib.util
+import re
 
 import pytest
 import torch
@@ -18,10 +18,9 @@ from torch import nn
 
 from kintsugi_optim import KintsugiOptimizer
 from kintsugi_optim import functional as F
+from triton_interpreter import requires_triton
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda]),
@@ -190,31 +189,49 @@ def test_tensor_pathway_spans_param_groups_separately(device):
     assert_same(reference, opt_ref, fused, opt_fused)
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("config", ["adam-default", "sgd-momentum", "row", "tensor"])
-def test_grad_scale_and_found_inf(config, device):
-    """As torch's fused Adam under GradScaler: grads divided by grad_scale (and stored back
-    unscaled); found_inf=1 leaves θ, ϕ, moments and step counts as they were."""
+def scaled_run(device, config, steps=3):
+    """The reference stepped on plain gradients beside the fused step on gradients ×1024 with
+    GradScaler's grad_scale = 1024 and found_inf = 0; returns both, with the params."""
     options = dict(CONFIGS[config], beta=0.2, lr=0.05)
     reference, fused = make_params(device), make_params(device)
     opt_ref = KintsugiOptimizer(reference, foreach=False, **options)
     opt_fused = KintsugiOptimizer(fused, fused=True, **options)
-    scale = torch.tensor(1024.0, device=device)
-    for step in range(3):
+    for step in range(steps):
         for a, b, g, scaled in zip(reference, fused, grads_for(reference, step),
                                    grads_for(reference, step, scale=1024.0)):
             a.grad, b.grad = g, scaled
         opt_ref.step()
-        opt_fused.grad_scale, opt_fused.found_inf = scale, torch.tensor(0.0, device=device)
+        opt_fused.grad_scale = torch.tensor(1024.0, device=device)
+        opt_fused.found_inf = torch.tensor(0.0, device=device)
         opt_fused.step()
         for a, b in zip(reference, fused):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=0)
-    assert_same(reference, opt_ref, fused, opt_fused)
+    return reference, opt_ref, fused, opt_fused
 
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("config", ["adam-default", "sgd-momentum", "row", "tensor"])
+def test_grad_scale_is_divided_out(config, device):
+    """As torch's fused Adam under GradScaler: grads divided by grad_scale (and stored back
+    unscaled), then the step of the unscaled grads."""
+    assert_same(*scaled_run(device, config))
+
+
+# On CPU tensors the dispatcher (kintsugi_optim._fused) reads found_inf and a tensor lr on the
+# host, so the interpreted CUDA kernels never see them: their branches for these run on CUDA.
+HOST_READ_DEVICES = [d for d in DEVICES if getattr(d, "values", [d])[0] != "triton-interpreter"]
+
+
+@pytest.mark.parametrize("device", HOST_READ_DEVICES, indirect=True)
+@pytest.mark.parametrize("config", ["adam-default", "sgd-momentum", "row", "tensor"])
+def test_found_inf_skips_the_whole_step(config, device):
+    """found_inf = 1 leaves θ, ϕ, moments and step counts as they were."""
+    _, _, fused, opt_fused = scaled_run(device, config, steps=2)
     before = copy.deepcopy((fused, opt_fused.state_dict()))
     for b, g in zip(fused, grads_for(fused, 9)):
         b.grad = g
-    opt_fused.grad_scale, opt_fused.found_inf = scale, torch.tensor(1.0, device=device)
+    opt_fused.grad_scale = torch.tensor(1024.0, device=device)
+    opt_fused.found_inf = torch.tensor(1.0, device=device)
     opt_fused.step()
     for p, q in zip(before[0], fused):
         assert torch.equal(p, q)
@@ -223,7 +240,7 @@ def test_grad_scale_and_found_inf(config, device):
             assert torch.equal(value, opt_fused.state_dict()["state"][key][name]), name
 
 
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("device", HOST_READ_DEVICES, indirect=True)
 def test_lr_as_tensor(device):
     as_float, as_tensor = make_params(device), make_params(device)
     opt_float = run(as_float, fused=True, lr=0.05)
@@ -327,12 +344,15 @@ def test_default_never_picks_fused(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests launch the kernels")
 def test_cuda_kernels_compile_for_hopper(monkeypatch, tmp_path):
     """Without a GPU: every kernel specialisation the configurations reach (dtypes, bases,
-    pathways, gilding options, GradScaler) compiles down to an sm_90 cubin."""
+    pathways, gilding options, GradScaler) compiles down to an sm_90 cubin, and where the
+    maths is float32 the flat kernels hold no float64 blocks (the float64 scalars are rounded
+    before they meet the data)."""
     from triton_interpreter import compile_only
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     compiled = compile_only(monkeypatch, arch=90)
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        start = len(compiled)
         for config in CONFIGS.values():
             params = make_params("cpu", dtype)
             run(params, steps=1, fused=True, **config)
@@ -341,6 +361,11 @@ def test_cuda_kernels_compile_for_hopper(monkeypatch, tmp_path):
             p.grad = torch.ones_like(p)
         opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
         opt.step()
+        flat = ("_abs_sum_kernel", "_flat_step_kernel", "_normalise_kernel")
+        for name, kernel in compiled[start:]:
+            if dtype != torch.float64 and name in flat:  # (row and scope sums are float64)
+                blocks = re.findall(r"tensor<[0-9x]+xf64", kernel.asm["ttgir"])
+                assert not blocks, (name, dtype, blocks[:3])
     names = {name for name, _ in compiled}
     assert names == {"_abs_sum_kernel", "_flat_step_kernel", "_normalise_kernel",
                      "_row_step_kernel", "_gild_scopes_kernel"}

@@ -2,13 +2,13 @@
 allclose(rtol=1e-6, atol=1e-7) on foreach and fused (the C++ kernel, and the CUDA path's Triton
 kernels in Triton's interpreter), for every option combination (SPEC §2.3)."""
 
-import importlib.util
 import itertools
 
 import pytest
 import torch
 
 from kintsugi_optim import KintsugiOptimizer
+from triton_interpreter import requires_triton
 
 
 def _combos(**axes):
@@ -83,8 +83,6 @@ def use_kernel(kernel, monkeypatch):
         use_interpreted_cuda_kernels(monkeypatch)
 
 
-requires_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="needs triton (pip install triton)")
 FUSED_KERNELS = ["cpu", pytest.param("triton-interpreter", marks=requires_triton)]
 
 

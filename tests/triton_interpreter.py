@@ -10,14 +10,29 @@ Written against Triton 3.9, whose interpreter it corrects in places (noted where
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import inspect
 import os
 import types
 
 import numpy as np
+import pytest
 
 _MISSING = object()
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+TRITON = _triton_version()
+requires_triton = pytest.mark.skipif(
+    TRITON is None or not TRITON.startswith("3.9."),
+    reason=f"needs triton 3.9 (pip install 'triton==3.9.*'), found {TRITON}")
 
 
 @functools.cache
