@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,18 +41,7 @@ def build(name: str, source: Path, build_dir: Path):
         text = text.replace(f"{macro}(kintsugi,", f"{macro}({library},")
     copy = build_dir / f"{library}.cpp"
     copy.write_text(text)
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in fused._ISA_FLAGS:
-        capability = "DEFAULT"
-    load(
-        name=library,
-        sources=[str(copy)],
-        extra_include_paths=[str(ROOT / "kintsugi_optim" / "csrc")],
-        extra_cflags=["-O3", "-fopenmp", *fused._ISA_FLAGS.get(capability, []),
-                      f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    fused._build(library, copy)  # as the package builds its own kernel
     return getattr(torch.ops, library).fused_sculpt_
 
 

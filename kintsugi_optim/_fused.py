@@ -43,26 +43,33 @@ _ISA_FLAGS = {
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def _cpu_kernel():
-    """``torch.ops.kintsugi.fused_sculpt_``, building the C++ extension on first use."""
+def _build(name: str, source: Path) -> None:
+    """Build (or load from the torch extensions cache) the C++ source ``source``, which includes
+    csrc/sculpt_math.h, as the extension ``<name>_<capability>``, with the flags torch's own
+    kernels get for this CPU."""
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in _ISA_FLAGS:
         capability = "DEFAULT"  # at::vec's portable implementation (also NEON on arm64)
+    load(
+        name=f"{name}_{capability.lower()}",
+        sources=[str(source)],
+        extra_include_paths=[str(_CSRC)],
+        extra_cflags=[
+            "-O3", "-fopenmp", *_ISA_FLAGS.get(capability, []),
+            f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+        ],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+
+
+@functools.cache
+def _cpu_kernel():
+    """``torch.ops.kintsugi.fused_sculpt_``, building the C++ extension on first use."""
     try:
-        load(
-            name=f"kintsugi_fused_cpu_{capability.lower()}",
-            sources=[str(_CSRC / "fused_sculpt.cpp")],
-            extra_include_paths=[str(_CSRC)],
-            extra_cflags=[
-                "-O3", "-fopenmp", *_ISA_FLAGS.get(capability, []),
-                f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-            ],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        _build("kintsugi_fused_cpu", _CSRC / "fused_sculpt.cpp")
     except (OSError, RuntimeError) as error:
         raise RuntimeError(
             "KintsugiOptimizer(fused=True) on CPU builds its C++ kernel on first use, which "
