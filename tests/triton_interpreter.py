@@ -69,11 +69,11 @@ def use_interpreted_cuda_kernels(monkeypatch):
     interpreted kernels, in place of the C++ kernel."""
     import kintsugi_optim._fused
 
-    step = interpreted_cuda_step(monkeypatch)
+    step = _interpreted_cuda_step(monkeypatch)
     monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: step)
 
 
-def interpreted_cuda_step(monkeypatch):
+def _interpreted_cuda_step(monkeypatch):
     """``fused_sculpt_cuda`` with interpreted kernels, for the duration of one test."""
     # Imported before TRITON_INTERPRET is set, so that triton.language's own jit functions
     # (tl.sum, its combine functions, ...) are compiled ones, as the rest of the process expects;
