@@ -5,7 +5,7 @@
 // back so its buffers are still in cache:
 //
 //   element: [Σ|g| if fracture="relative"] → θ step and gilding in one loop, Σϕ'
-//            → [ϕ ← ϕ·(n/Σϕ') if phi_norm="mean"]
+//            → [ϕ ← ϕ·(n/Σϕ') if phi_norm="mean", unless that factor was foreseen]
 //   row:     θ step accumulating each row's Σ|g| → gild the row vector ϕ
 //   tensor:  θ step accumulating Σ|g| → after every tensor, gild the group's ϕ vector
 //
@@ -36,6 +36,11 @@ constexpr int64_t kParallelTensor = int64_t{1} << 18;
 constexpr int64_t kGrain = int64_t{1} << 15;  // elements per parallel chunk of a large tensor
 constexpr int64_t kConvertChunk = 256;        // lanes converted at a time for bf16/fp16
 constexpr int64_t kSumBlock = 256;            // vector adds before a sum goes into a double
+// How far from 1 (relative) the mean of ϕ may end when its normalising factor was foreseen,
+// before ϕ is rescaled after all. Each foreseen step leaves its rounding error in Σϕ for the
+// next, damped only by 1/(1 + β): unbounded, the mean would drift by about 1/β roundings.
+template <typename T>
+constexpr double kForesight = 4 * std::numeric_limits<T>::epsilon();
 
 enum class Pathway { kElement, kRow, kTensor };
 
@@ -354,8 +359,9 @@ class SlotStep {
     });
   }
 
-  // θ step and gilding of each lane's own ϕ over [begin, end); returns Σϕ'.
-  double element_pass(int64_t begin, int64_t end, const Gilding<T>& gd, T inv_mean) {
+  // θ step and gilding of each lane's own ϕ over [begin, end), ϕ' stored as max(ϕ'·scale, floor)
+  // (1 and 0 store it as it is); returns Σϕ' before scaling.
+  double element_pass(int64_t begin, int64_t end, const Gilding<T>& gd, T inv_mean, T scale, T floor) {
     const bool store_rho = gd.softplus && !o_.norm_mean;  // else normalise() derives it
     return in_math_type(buffers_, begin, end, rule_.unscale, [&](const Buffers<T>& b, int64_t start, int64_t n) {
       T* phi = phi_ + start;
@@ -369,7 +375,7 @@ class SlotStep {
         }
         V r = gd.softplus ? V::loadu(rho + i, count) : V(0);
         const V out = gild_lanes(gd, phi_before, l, r);
-        out.store(phi + i, count);
+        at::vec::clamp_min(out * V(scale), V(floor)).store(phi + i, count);
         if (store_rho) {
           softplus_inverse(out).store(rho + i, count);
         }
@@ -381,21 +387,52 @@ class SlotStep {
 
   void run_element(bool parallel) {
     T inv_mean = 1;
+    double abs_total = 0;
     if (o_.relative) {
-      inv_mean = T(1) / clamp_mean<T>(
-          sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) { return abs_sum(b, e); }), n_);
+      abs_total = sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) { return abs_sum(b, e); });
+      inv_mean = T(1) / clamp_mean<T>(abs_total, n_);
     }
     const Gilding<T> gd = make_gilding<T>(o_, n_);
+    const T foreseen = foreseen_factor(gd, abs_total, inv_mean);
+    const T scale = foreseen != 0 ? foreseen : T(1);
+    const T floor = foreseen != 0 ? std::numeric_limits<T>::min() : T(0);
     const double phi_sum = sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
-      return element_pass(b, e, gd, inv_mean);
+      return element_pass(b, e, gd, inv_mean, scale, floor);
     });
-    if (o_.norm_mean) {
-      const T factor = static_cast<T>(double(n_) / phi_sum);  // one rounding: ϕ ≡ 1 stays 1
-      sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
-        normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
-        return 0.0;
-      });
+    if (!o_.norm_mean) {
+      return;
     }
+    const double stored_sum = double(scale) * phi_sum;
+    if (foreseen != 0 && std::abs(stored_sum / double(n_) - 1) <= kForesight<T>) {
+      return;
+    }
+    const T factor = static_cast<T>(double(n_) / stored_sum);  // one rounding: ϕ ≡ 1 stays 1
+    sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
+      normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
+      return 0.0;
+    });
+  }
+
+  // The phi_norm="mean" factor n/Σϕ', foreseen before the step so that ϕ' is stored normalised
+  // in the step's own pass; 0 where it cannot be. The pass after the step that would otherwise
+  // rescale ϕ costs up to 0.2× of torch's fused SGD step (benchmarks/README.md).
+  //
+  // Under additive ascent, clamp positivity and no damping, Σϕ' = Σϕ + β·Σ(l − λ) as long as no
+  // pathway is clamped or has a non-finite u; with the relative fracture Σl = Σ|g|/mean|g| is
+  // known from the pre-pass, and Σϕ = n holds to rounding after the last step's normalisation.
+  // run_element measures the true Σϕ' in the step's pass and rescales ϕ after all where the
+  // foresight was off by more than kForesight (the first step, a clamped pathway, ϕ set by hand).
+  T foreseen_factor(const Gilding<T>& gd, double abs_total, T inv_mean) const {
+    if (!(o_.norm_mean && o_.relative && gd.gamma == 0 && !gd.softplus && !gd.multiplicative)) {
+      return 0;
+    }
+    const double u_total = abs_total * double(inv_mean) - double(n_) * o_.l1;
+    const double factor = double(n_) / (double(n_) + o_.beta * u_total);
+    // ϕ'·factor must neither overflow nor underflow, or a rescaling after the step could not
+    // recover ϕ'.
+    const bool lossless = factor * gd.phi_min >= std::numeric_limits<T>::min() &&
+                          factor * gd.phi_cap <= std::numeric_limits<T>::max();
+    return std::isfinite(factor) && lossless ? static_cast<T>(factor) : 0;
   }
 
   void run_rows(bool parallel) {
