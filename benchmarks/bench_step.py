@@ -412,7 +412,7 @@ def main() -> None:
                           f"({time.perf_counter() - started:.0f} s)", flush=True)
             del params
         slug = "cuda-" + meta["device_name"].split()[-1].lower() if device == "cuda" else "cpu"
-        stem = args.out / f"step-{slug}-{now:%Y%m%d-%H%M}"
+        stem = args.out / f"step-{slug}-{now:%Y%m%d-%H%M%S}"
         stem.with_suffix(".json").write_text(json.dumps(
             dict(meta=meta, results=[{**asdict(e), "median_ms": e.median_ms, "gbps": e.gbps}
                                      for e in entries]), indent=1))

@@ -37,7 +37,7 @@ def main() -> None:
         sys.exit(__doc__)
     def column(meta: dict) -> str:
         malloc = meta.get("malloc", "default")
-        return meta["date"][5:16].replace("T", " ") + ("" if malloc == "steady" else f" ({malloc})")
+        return meta["date"][5:19].replace("T", " ") + ("" if malloc == "steady" else f" ({malloc})")
 
     print("| target | limit | " + " | ".join(column(m) for m, _ in runs) + " | median | met |")
     print("|---|---:|" + "---:|" * (len(runs) + 2))
