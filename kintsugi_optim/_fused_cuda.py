@@ -8,13 +8,15 @@ only when a buffer is reallocated, so a training loop builds them once and a ste
 work per element and no host sync.
 
     element: [_abs_sum_kernel: Σ|g| if fracture="relative"] → _flat_step_kernel: θ step + gilding,
-             Σϕ' → [_normalise_kernel if phi_norm="mean"]
+             Σϕ' → [_normalise_kernel if phi_norm="mean"; with FORESEE, only where it missed]
     row:     _row_step_kernel: θ step + each row's Σ|g| → _gild_scopes_kernel, a program per tensor
     tensor:  _flat_step_kernel: θ step + Σ|g| → _gild_scopes_kernel, one program for the group
 
 Unlike the CPU kernel, which makes these passes per tensor while it is in cache, a launch streams
-all tensors before the next begins: the relative fracture and the normalisation each cost one
-more read of g and one more read and write of ϕ (48 instead of 36 bytes per fp32 parameter).
+all tensors before the next begins: the relative fracture costs one more read of g (40 instead
+of 36 bytes per fp32 parameter). The normalisation would cost a read and write of ϕ more, but
+its factor is foreseen and applied in the step's pass (FORESEE, as in the CPU kernel), so its
+launch reads ϕ only for tensors where the foresight missed.
 """
 
 from __future__ import annotations
@@ -219,6 +221,28 @@ def _cap(n, phi_max, CT: tl.constexpr, FMAX: tl.constexpr, HAS_PHI_MAX: tl.const
 
 
 @triton.jit
+def _inv_mean(sums, t, numel, CT: tl.constexpr, TINY: tl.constexpr):
+    """1 / max(mean |g|, tiny) of tensor t, from its Σ|g|: the relative fracture's scale."""
+    mean = tl.load(sums + 2 * t) / numel
+    mean = tl.where(mean != mean, mean, tl.maximum(mean, _scalar(TINY, tl.float64)))
+    return (1.0 / mean).to(CT)
+
+
+@triton.jit
+def _foreseen(sums, t, numel, inv_mean, beta, l1, phi_min, cap, FMAX: tl.constexpr,
+              TINY: tl.constexpr):
+    """The phi_norm="mean" factor n/Σϕ' of tensor t foreseen from its Σ|g| (float64; 0 where it
+    cannot be), as the CPU kernel's foreseen_factor: with additive ascent, clamp positivity, no
+    damping and the relative fracture, Σϕ' = n + β·Σ(l − λ) while no pathway clamps."""
+    n = numel.to(tl.float64)
+    u_total = tl.load(sums + 2 * t) * inv_mean.to(tl.float64) - n * l1
+    factor = n / (n + beta * u_total)
+    # ϕ'·factor must neither overflow nor underflow, or the rescaling could not recover ϕ'.
+    lossless = (factor * phi_min >= TINY) & (factor * cap.to(tl.float64) <= FMAX)
+    return tl.where(lossless, factor, 0.0)
+
+
+@triton.jit
 def _live(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     """False when GradScaler found inf/NaN grads: ANDed into every mask, it skips the step."""
     if HAS_FOUND_INF:
@@ -273,7 +297,7 @@ def _flat_step_block(
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr,
     ELEMENT: tl.constexpr, RELATIVE: tl.constexpr, NORM: tl.constexpr,
     HAS_PHI_MAX: tl.constexpr, MULTIPLICATIVE: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    FORESEE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     phi_ptr = _address(tensors, row, _PHI, PHI_DTYPE, ALIGNED)
     if ELEMENT:
@@ -288,14 +312,18 @@ def _flat_step_block(
     if ELEMENT:
         l = fracture
         if RELATIVE:
-            mean = tl.load(sums + 2 * t) / numel
-            mean = tl.where(mean != mean, mean, tl.maximum(mean, _scalar(TINY, tl.float64)))
-            l = l * (1.0 / mean).to(CT)
+            inv_mean = _inv_mean(sums, t, numel, CT, TINY)
+            l = l * inv_mean
         rho_ptr = _address(tensors, row, _RHO, PHI_DTYPE, ALIGNED) + offs
         rho = tl.load(rho_ptr, mask=mask).to(CT) if SOFTPLUS else phi
         cap = _cap(numel, phi_max, CT, FMAX, HAS_PHI_MAX, NORM)
         out, rho = _gild(phi, l, rho, beta, gamma, l1, phi_min, cap, MULTIPLICATIVE, SOFTPLUS)
-        tl.store(phi_ptr + offs, out.to(PHI_DTYPE), mask=mask)
+        stored = out
+        if FORESEE:  # stored normalised; _normalise_kernel checks the foresight
+            foreseen = _foreseen(sums, t, numel, inv_mean, beta, l1, phi_min, cap, FMAX, TINY)
+            scale = tl.where(foreseen != 0, foreseen, 1.0).to(CT)
+            stored = tl.maximum(out * scale, tl.where(foreseen != 0, _scalar(TINY, CT), 0))
+        tl.store(phi_ptr + offs, stored.to(PHI_DTYPE), mask=mask)
         if NORM:
             tl.atomic_add(sums + 2 * t + 1, tl.sum(tl.where(mask, out, 0), axis=0).to(tl.float64))
         elif SOFTPLUS:
@@ -317,7 +345,7 @@ def _flat_step_kernel(
     LR_IS_TENSOR: tl.constexpr, UNSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     ELEMENT: tl.constexpr, RELATIVE: tl.constexpr, NORM: tl.constexpr,
     HAS_PHI_MAX: tl.constexpr, MULTIPLICATIVE: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    FORESEE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """θ step of one block. Element pathway: each lane gilds its own ϕ (sums[t, 1] += Σϕ' for
     the normalisation); tensor pathway: one ϕ for the tensor, sums[t, 0] += Σ|g|."""
@@ -331,7 +359,7 @@ def _flat_step_kernel(
             one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, momentum, dampening_keep,
             beta, gamma, l1, phi_min, phi_max, DTYPE, PHI_DTYPE, CT, FMAX, TINY, BASE, AMSGRAD,
             HAS_MOMENTUM, NESTEROV, MAXIMIZE, UNSCALE, ELEMENT, RELATIVE, NORM, HAS_PHI_MAX,
-            MULTIPLICATIVE, SOFTPLUS, ALIGNED,
+            MULTIPLICATIVE, SOFTPLUS, FORESEE, ALIGNED,
         )
     else:
         _flat_step_block(
@@ -339,7 +367,7 @@ def _flat_step_kernel(
             one_minus_beta2, log_beta1, log_beta2, eps, weight_decay, momentum, dampening_keep,
             beta, gamma, l1, phi_min, phi_max, DTYPE, PHI_DTYPE, CT, FMAX, TINY, BASE, AMSGRAD,
             HAS_MOMENTUM, NESTEROV, MAXIMIZE, UNSCALE, ELEMENT, RELATIVE, NORM, HAS_PHI_MAX,
-            MULTIPLICATIVE, SOFTPLUS, ALIGNED,
+            MULTIPLICATIVE, SOFTPLUS, FORESEE, ALIGNED,
         )
 
 
@@ -382,9 +410,21 @@ def _row_step_kernel(
 
 
 @triton.jit
-def _normalise_block(tensors, row, t, offs, mask, numel, sums, PHI_DTYPE: tl.constexpr, CT: tl.constexpr,
-                     TINY: tl.constexpr, SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr):
-    factor = _div_rn(numel.to(CT), tl.load(sums + 2 * t + 1).to(CT), CT)  # ϕ ≡ 1 stays 1
+def _normalise_block(tensors, row, t, offs, mask, numel, sums, beta, l1, phi_min, phi_max,
+                     PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr,
+                     TINY: tl.constexpr, HAS_PHI_MAX: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     FORESEE: tl.constexpr, FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr):
+    phi_sum = tl.load(sums + 2 * t + 1)
+    if FORESEE:
+        # ϕ holds ϕ'·foreseen: rescale only where its mean ended more than FORESIGHT from 1
+        # (the first step, a clamped pathway, ϕ set by hand, rounding drift; see the CPU kernel).
+        cap = _cap(numel, phi_max, CT, FMAX, HAS_PHI_MAX, True)
+        foreseen = _foreseen(sums, t, numel, _inv_mean(sums, t, numel, CT, TINY), beta, l1,
+                             phi_min, cap, FMAX, TINY)
+        phi_sum = phi_sum * tl.where(foreseen != 0, foreseen.to(CT).to(tl.float64), 1.0)
+        held = (foreseen != 0) & (tl.abs(phi_sum / numel - 1) <= FORESIGHT)
+        mask = mask & ~held
+    factor = _div_rn(numel.to(CT), phi_sum.to(CT), CT)  # ϕ ≡ 1 stays 1
     phi_ptr = _address(tensors, row, _PHI, PHI_DTYPE, ALIGNED) + offs
     out = tl.maximum(tl.load(phi_ptr, mask=mask).to(CT) * factor, _scalar(TINY, CT))
     tl.store(phi_ptr, out.to(PHI_DTYPE), mask=mask)
@@ -395,18 +435,24 @@ def _normalise_block(tensors, row, t, offs, mask, numel, sums, PHI_DTYPE: tl.con
 
 @triton.jit
 def _normalise_kernel(
-    blocks, tensors, sums, found_inf_ptr,
-    PHI_DTYPE: tl.constexpr, CT: tl.constexpr, TINY: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    blocks, tensors, sums, found_inf_ptr, beta: tl.float64, l1: tl.float64,
+    phi_min: tl.float64, phi_max: tl.float64,
+    PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr, TINY: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, HAS_PHI_MAX: tl.constexpr, SOFTPLUS: tl.constexpr,
+    FORESEE: tl.constexpr, FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Element pathway, phi_norm="mean": ϕ ← max(ϕ·n/Σϕ', tiny), and ρ re-derived."""
+    """Element pathway, phi_norm="mean": ϕ ← max(ϕ·n/Σϕ', tiny), and ρ re-derived; under
+    FORESEE only for tensors whose foreseen factor missed."""
     t, row, offs, numel, whole = _flat_block(blocks, tensors, BLOCK)
     live = _live(found_inf_ptr, HAS_FOUND_INF)
     if whole:
-        _normalise_block(tensors, row, t, offs, live, numel, sums, PHI_DTYPE, CT, TINY, SOFTPLUS, ALIGNED)
+        _normalise_block(tensors, row, t, offs, live, numel, sums, beta, l1, phi_min, phi_max,
+                         PHI_DTYPE, CT, FMAX, TINY, HAS_PHI_MAX, SOFTPLUS, FORESEE, FORESIGHT,
+                         ALIGNED)
     else:
-        _normalise_block(tensors, row, t, offs, (offs < numel) & live, numel, sums, PHI_DTYPE, CT, TINY,
-                         SOFTPLUS, ALIGNED)
+        _normalise_block(tensors, row, t, offs, (offs < numel) & live, numel, sums, beta, l1,
+                         phi_min, phi_max, PHI_DTYPE, CT, FMAX, TINY, HAS_PHI_MAX, SOFTPLUS,
+                         FORESEE, FORESIGHT, ALIGNED)
 
 
 @triton.jit
@@ -679,6 +725,9 @@ def fused_sculpt_cuda(
         NORM=norm_mean,
     )
     has_found_inf = found_inf is not None
+    # The normalising factor foreseen in the step's pass (see _foreseen), so that the pass after
+    # it rescales only where the foresight missed.
+    foresee = norm_mean and relative and gamma == 0 and not softplus and not multiplicative
 
     with _launch_context(device):
         if state_steps:  # as torch's fused Adam: count, and uncount below if found_inf
@@ -703,15 +752,17 @@ def fused_sculpt_cuda(
                     launch.flat, plan.tensors, plan.sums, lr_value=lr_value, **pointers,
                     **base_args, **gild_args, DTYPE=dtype, PHI_DTYPE=phi_dtype, CT=ct,
                     FMAX=finfo.max, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf,
-                    ELEMENT=element, RELATIVE=relative, ALIGNED=launch.aligned, BLOCK=_BLOCK,
-                    num_warps=_NUM_WARPS, **_COMPILE,
+                    ELEMENT=element, RELATIVE=relative, FORESEE=element and foresee,
+                    ALIGNED=launch.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **_COMPILE,
                 )
                 if element and norm_mean:
                     _normalise_kernel[grid](
                         launch.flat, plan.tensors, plan.sums, pointers["found_inf_ptr"],
-                        PHI_DTYPE=phi_dtype, CT=ct, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf,
-                        SOFTPLUS=softplus, ALIGNED=launch.aligned, BLOCK=_BLOCK,
-                        num_warps=_NUM_WARPS, **_COMPILE,
+                        beta=beta, l1=l1, phi_min=phi_min, phi_max=gild_args["phi_max"],
+                        PHI_DTYPE=phi_dtype, CT=ct, FMAX=finfo.max, TINY=finfo.tiny,
+                        HAS_FOUND_INF=has_found_inf, HAS_PHI_MAX=phi_max is not None,
+                        SOFTPLUS=softplus, FORESEE=foresee, FORESIGHT=4 * finfo.eps,
+                        ALIGNED=launch.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **_COMPILE,
                     )
             for cols, rows_aligned, blocks, n_blocks in launch.tiles:
                 _row_step_kernel[(n_blocks,)](

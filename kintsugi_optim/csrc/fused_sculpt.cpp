@@ -415,7 +415,7 @@ class SlotStep {
 
   // The phi_norm="mean" factor n/Σϕ', foreseen before the step so that ϕ' is stored normalised
   // in the step's own pass; 0 where it cannot be. The pass after the step that would otherwise
-  // rescale ϕ costs up to 0.2× of torch's fused SGD step (benchmarks/README.md).
+  // rescale ϕ cost up to 0.2× of torch's fused SGD step (benchmarks/README.md).
   //
   // Under additive ascent, clamp positivity and no damping, Σϕ' = Σϕ + β·Σ(l − λ) as long as no
   // pathway is clamped or has a non-finite u; with the relative fracture Σl = Σ|g|/mean|g| is
