@@ -142,6 +142,8 @@ class KintsugiOptimizer(Optimizer):
         positivity (str): "clamp" (default) or "softplus" (ϕ = softplus(ρ), ρ the resilience
             score, stored in the state as ``rho``).
         maximize, foreach, fused, capturable, differentiable: as in ``torch.optim.Adam``.
+            ``fused=True`` (CPU and CUDA kernels of their own) holds mean ϕ to 1 within four
+            rounding errors rather than one: it stores ϕ normalised by a foreseen factor.
 
     State per parameter: torch's keys for the base rule plus ``phi`` (and ``rho``), float32 for
     bf16/fp16 parameters. :meth:`gilding` returns every ϕ.
