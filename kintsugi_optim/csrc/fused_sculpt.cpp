@@ -393,9 +393,9 @@ class SlotStep {
       inv_mean = T(1) / clamp_mean<T>(abs_total, n_);
     }
     const Gilding<T> gd = make_gilding<T>(o_, n_);
-    const T foreseen = foreseen_factor(gd, abs_total, inv_mean);
-    const T scale = foreseen != 0 ? foreseen : T(1);
-    const T floor = foreseen != 0 ? std::numeric_limits<T>::min() : T(0);
+    const std::optional<T> foreseen = foreseen_factor(gd, abs_total, inv_mean);
+    const T scale = foreseen.value_or(T(1));
+    const T floor = foreseen ? std::numeric_limits<T>::min() : T(0);
     const double phi_sum = sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
       return element_pass(b, e, gd, inv_mean, scale, floor);
     });
@@ -403,7 +403,7 @@ class SlotStep {
       return;
     }
     const double stored_sum = double(scale) * phi_sum;
-    if (foreseen != 0 && std::abs(stored_sum / double(n_) - 1) <= kForesight<T>) {
+    if (foreseen && std::abs(stored_sum / double(n_) - 1) <= kForesight<T>) {
       return;
     }
     const T factor = static_cast<T>(double(n_) / stored_sum);  // one rounding: ϕ ≡ 1 stays 1
@@ -414,7 +414,7 @@ class SlotStep {
   }
 
   // The phi_norm="mean" factor n/Σϕ', foreseen before the step so that ϕ' is stored normalised
-  // in the step's own pass; 0 where it cannot be. The pass after the step that would otherwise
+  // in the step's own pass; none where it cannot be. The pass after the step that would otherwise
   // rescale ϕ cost up to 0.2× of torch's fused SGD step (benchmarks/README.md).
   //
   // Under additive ascent, clamp positivity and no damping, Σϕ' = Σϕ + β·Σ(l − λ) as long as no
@@ -422,9 +422,9 @@ class SlotStep {
   // known from the pre-pass, and Σϕ = n holds to rounding after the last step's normalisation.
   // run_element measures the true Σϕ' in the step's pass and rescales ϕ after all where the
   // foresight was off by more than kForesight (the first step, a clamped pathway, ϕ set by hand).
-  T foreseen_factor(const Gilding<T>& gd, double abs_total, T inv_mean) const {
+  std::optional<T> foreseen_factor(const Gilding<T>& gd, double abs_total, T inv_mean) const {
     if (!(o_.norm_mean && o_.relative && gd.gamma == 0 && !gd.softplus && !gd.multiplicative)) {
-      return 0;
+      return std::nullopt;
     }
     const double u_total = abs_total * double(inv_mean) - double(n_) * o_.l1;
     const double factor = double(n_) / (double(n_) + o_.beta * u_total);
@@ -432,7 +432,10 @@ class SlotStep {
     // recover ϕ'.
     const bool lossless = factor * gd.phi_min >= std::numeric_limits<T>::min() &&
                           factor * gd.phi_cap <= std::numeric_limits<T>::max();
-    return std::isfinite(factor) && lossless ? static_cast<T>(factor) : 0;
+    if (!std::isfinite(factor) || !lossless) {
+      return std::nullopt;
+    }
+    return static_cast<T>(factor);
   }
 
   void run_rows(bool parallel) {
