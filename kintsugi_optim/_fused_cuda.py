@@ -16,7 +16,7 @@ Unlike the CPU kernel, which makes these passes per tensor while it is in cache,
 all tensors before the next begins: the relative fracture costs one more read of g (40 instead
 of 36 bytes per fp32 parameter). The normalisation would cost a read and write of ϕ more, but
 its factor is foreseen and applied in the step's pass (FORESEE, as in the CPU kernel), so its
-launch reads ϕ only for tensors where the foresight missed.
+launch reads ϕ only for tensors whose mean ϕ ended more than 4 eps from 1.
 """
 
 from __future__ import annotations
@@ -221,14 +221,6 @@ def _cap(n, phi_max, CT: tl.constexpr, FMAX: tl.constexpr, HAS_PHI_MAX: tl.const
 
 
 @triton.jit
-def _inv_mean(sums, t, numel, CT: tl.constexpr, TINY: tl.constexpr):
-    """1 / max(mean |g|, tiny) of tensor t, from its Σ|g|: the relative fracture's scale."""
-    mean = tl.load(sums + 2 * t) / numel
-    mean = tl.where(mean != mean, mean, tl.maximum(mean, _scalar(TINY, tl.float64)))
-    return (1.0 / mean).to(CT)
-
-
-@triton.jit
 def _foreseen(sums, t, numel, inv_mean, beta, l1, phi_min, cap, FMAX: tl.constexpr,
               TINY: tl.constexpr):
     """The phi_norm="mean" factor n/Σϕ' of tensor t foreseen from its Σ|g| (float64; 0 where it
@@ -237,7 +229,7 @@ def _foreseen(sums, t, numel, inv_mean, beta, l1, phi_min, cap, FMAX: tl.constex
     n = numel.to(tl.float64)
     u_total = tl.load(sums + 2 * t) * inv_mean.to(tl.float64) - n * l1
     factor = n / (n + beta * u_total)
-    # ϕ'·factor must neither overflow nor underflow, or the rescaling could not recover ϕ'.
+    # ϕ'·factor must neither overflow nor underflow, or a rescaling could not recover ϕ'.
     lossless = (factor * phi_min >= TINY) & (factor * cap.to(tl.float64) <= FMAX)
     return tl.where(lossless, factor, 0.0)
 
@@ -312,20 +304,23 @@ def _flat_step_block(
     if ELEMENT:
         l = fracture
         if RELATIVE:
-            inv_mean = _inv_mean(sums, t, numel, CT, TINY)
+            mean = tl.load(sums + 2 * t) / numel
+            mean = tl.where(mean != mean, mean, tl.maximum(mean, _scalar(TINY, tl.float64)))
+            inv_mean = (1.0 / mean).to(CT)
             l = l * inv_mean
         rho_ptr = _address(tensors, row, _RHO, PHI_DTYPE, ALIGNED) + offs
         rho = tl.load(rho_ptr, mask=mask).to(CT) if SOFTPLUS else phi
         cap = _cap(numel, phi_max, CT, FMAX, HAS_PHI_MAX, NORM)
         out, rho = _gild(phi, l, rho, beta, gamma, l1, phi_min, cap, MULTIPLICATIVE, SOFTPLUS)
         stored = out
-        if FORESEE:  # stored normalised; _normalise_kernel checks the foresight
+        if FORESEE:  # stored normalised; _normalise_kernel rescales where the foresight missed
             foreseen = _foreseen(sums, t, numel, inv_mean, beta, l1, phi_min, cap, FMAX, TINY)
-            scale = tl.where(foreseen != 0, foreseen, 1.0).to(CT)
-            stored = tl.maximum(out * scale, tl.where(foreseen != 0, _scalar(TINY, CT), 0))
+            stored = out * tl.where(foreseen != 0, foreseen, 1.0).to(CT)
+        if NORM:  # the normalisation's floor, in case no rescaling follows
+            stored = tl.maximum(stored, _scalar(TINY, CT))
         tl.store(phi_ptr + offs, stored.to(PHI_DTYPE), mask=mask)
         if NORM:
-            tl.atomic_add(sums + 2 * t + 1, tl.sum(tl.where(mask, out, 0), axis=0).to(tl.float64))
+            tl.atomic_add(sums + 2 * t + 1, tl.sum(tl.where(mask, stored, 0), axis=0).to(tl.float64))
         elif SOFTPLUS:
             tl.store(rho_ptr, _softplus_inverse(out).to(PHI_DTYPE), mask=mask)
     else:
@@ -410,20 +405,14 @@ def _row_step_kernel(
 
 
 @triton.jit
-def _normalise_block(tensors, row, t, offs, mask, numel, sums, beta, l1, phi_min, phi_max,
-                     PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr,
-                     TINY: tl.constexpr, HAS_PHI_MAX: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     FORESEE: tl.constexpr, FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr):
-    phi_sum = tl.load(sums + 2 * t + 1)
-    if FORESEE:
-        # ϕ holds ϕ'·foreseen: rescale only where its mean ended more than FORESIGHT from 1
-        # (the first step, a clamped pathway, ϕ set by hand, rounding drift; see the CPU kernel).
-        cap = _cap(numel, phi_max, CT, FMAX, HAS_PHI_MAX, True)
-        foreseen = _foreseen(sums, t, numel, _inv_mean(sums, t, numel, CT, TINY), beta, l1,
-                             phi_min, cap, FMAX, TINY)
-        phi_sum = phi_sum * tl.where(foreseen != 0, foreseen.to(CT).to(tl.float64), 1.0)
-        held = (foreseen != 0) & (tl.abs(phi_sum / numel - 1) <= FORESIGHT)
-        mask = mask & ~held
+def _normalise_block(tensors, row, t, offs, mask, numel, sums, PHI_DTYPE: tl.constexpr,
+                     CT: tl.constexpr, TINY: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr):
+    phi_sum = tl.load(sums + 2 * t + 1)  # of ϕ as stored
+    if not SOFTPLUS:  # (under softplus this pass also derives ρ)
+        # Leave ϕ where its mean is within FORESIGHT of 1: where the step's foreseen factor
+        # held (it misses on the first step, for a clamped pathway, ϕ set by hand, rounding drift).
+        mask = mask & (tl.abs(phi_sum / numel - 1) > FORESIGHT)
     factor = _div_rn(numel.to(CT), phi_sum.to(CT), CT)  # ϕ ≡ 1 stays 1
     phi_ptr = _address(tensors, row, _PHI, PHI_DTYPE, ALIGNED) + offs
     out = tl.maximum(tl.load(phi_ptr, mask=mask).to(CT) * factor, _scalar(TINY, CT))
@@ -435,24 +424,20 @@ def _normalise_block(tensors, row, t, offs, mask, numel, sums, beta, l1, phi_min
 
 @triton.jit
 def _normalise_kernel(
-    blocks, tensors, sums, found_inf_ptr, beta: tl.float64, l1: tl.float64,
-    phi_min: tl.float64, phi_max: tl.float64,
-    PHI_DTYPE: tl.constexpr, CT: tl.constexpr, FMAX: tl.constexpr, TINY: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, HAS_PHI_MAX: tl.constexpr, SOFTPLUS: tl.constexpr,
-    FORESEE: tl.constexpr, FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    blocks, tensors, sums, found_inf_ptr,
+    PHI_DTYPE: tl.constexpr, CT: tl.constexpr, TINY: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    SOFTPLUS: tl.constexpr, FORESIGHT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Element pathway, phi_norm="mean": ϕ ← max(ϕ·n/Σϕ', tiny), and ρ re-derived; under
-    FORESEE only for tensors whose foreseen factor missed."""
+    """Element pathway, phi_norm="mean": ϕ ← max(ϕ·n/Σϕ, tiny), and ρ re-derived, for tensors
+    whose mean ϕ as stored is more than FORESIGHT from 1 (all of them under softplus)."""
     t, row, offs, numel, whole = _flat_block(blocks, tensors, BLOCK)
     live = _live(found_inf_ptr, HAS_FOUND_INF)
     if whole:
-        _normalise_block(tensors, row, t, offs, live, numel, sums, beta, l1, phi_min, phi_max,
-                         PHI_DTYPE, CT, FMAX, TINY, HAS_PHI_MAX, SOFTPLUS, FORESEE, FORESIGHT,
-                         ALIGNED)
+        _normalise_block(tensors, row, t, offs, live, numel, sums, PHI_DTYPE, CT, TINY, SOFTPLUS,
+                         FORESIGHT, ALIGNED)
     else:
-        _normalise_block(tensors, row, t, offs, (offs < numel) & live, numel, sums, beta, l1,
-                         phi_min, phi_max, PHI_DTYPE, CT, FMAX, TINY, HAS_PHI_MAX, SOFTPLUS,
-                         FORESEE, FORESIGHT, ALIGNED)
+        _normalise_block(tensors, row, t, offs, (offs < numel) & live, numel, sums, PHI_DTYPE, CT,
+                         TINY, SOFTPLUS, FORESIGHT, ALIGNED)
 
 
 @triton.jit
@@ -758,11 +743,9 @@ def fused_sculpt_cuda(
                 if element and norm_mean:
                     _normalise_kernel[grid](
                         launch.flat, plan.tensors, plan.sums, pointers["found_inf_ptr"],
-                        beta=beta, l1=l1, phi_min=phi_min, phi_max=gild_args["phi_max"],
-                        PHI_DTYPE=phi_dtype, CT=ct, FMAX=finfo.max, TINY=finfo.tiny,
-                        HAS_FOUND_INF=has_found_inf, HAS_PHI_MAX=phi_max is not None,
-                        SOFTPLUS=softplus, FORESEE=foresee, FORESIGHT=4 * finfo.eps,
-                        ALIGNED=launch.aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **_COMPILE,
+                        PHI_DTYPE=phi_dtype, CT=ct, TINY=finfo.tiny, HAS_FOUND_INF=has_found_inf,
+                        SOFTPLUS=softplus, FORESIGHT=4 * finfo.eps, ALIGNED=launch.aligned,
+                        BLOCK=_BLOCK, num_warps=_NUM_WARPS, **_COMPILE,
                     )
             for cols, rows_aligned, blocks, n_blocks in launch.tiles:
                 _row_step_kernel[(n_blocks,)](

@@ -60,7 +60,9 @@ CONFIGS = {
     "softplus-row-nonorm": dict(positivity="softplus", pathway="row", phi_norm=None),
     "softplus-tensor": dict(positivity="softplus", pathway="tensor", phi_max=1.3),
     "bounds": dict(phi_min=0.95, phi_max=1.05, beta=1.0),
-    "phi-init": dict(phi_init=2.0),  # mean ϕ starts at 2: the CPU kernel's foresight misses
+    "phi-init": dict(phi_init=2.0),  # mean ϕ starts at 2: the kernels' foresight misses
+    "l1": dict(l1=0.3),  # λ in the foreseen Σϕ'
+    "phi-max-l1": dict(phi_max=1.05, l1=0.05),
 }
 # Scalars, biases, rows of one element, odd row lengths, a row length of 16 bytes' multiple and
 # (on CUDA) tensors longer than one block, so whole blocks and tails both run.
@@ -251,21 +253,32 @@ def test_lr_as_tensor(device):
     assert_same(as_float, opt_float, as_tensor, opt_tensor, rtol=1e-6, atol=1e-7)
 
 
+def sparse_grads_for(params, step):
+    """grads_for with nine entries in ten zero: runs of equal ϕ, which sum with rounding errors
+    all of one sign."""
+    generator = torch.Generator().manual_seed(200 + step)
+    return [g * (torch.rand(g.shape, generator=generator) < 0.1).to(g.device, g.dtype)
+            for g in grads_for(params, step)]
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_foreseen_normalisation_keeps_mean_phi_within_rounding(dtype, device):
+@pytest.mark.parametrize("gradients", [grads_for, sparse_grads_for], ids=["dense", "sparse"])
+def test_foreseen_normalisation_keeps_mean_phi_within_rounding(gradients, dtype, device):
     """The kernels store ϕ'·n/Σϕ' in the step's own pass, with Σϕ' foreseen from Σϕ = n.
     Rounding makes Σϕ drift from n; at a small β it drifts past the kernels' bound of four
     rounding errors within a few steps (the 0-d parameter first), and ϕ must then be rescaled
-    after all. With a bound of 64 roundings in the kernel this fails by step 10."""
-    params = make_params(device, dtype)
-    reference = make_params(device, dtype)
+    after all. With a bound of 64 roundings in the kernel this fails by step 10; with ϕ summed
+    as plain floats on the CPU, the sparse case ends over 20 eps off at the first step."""
+    shapes = [*SHAPES, (16384,)]
+    params = make_params(device, dtype, shapes)
+    reference = make_params(device, dtype, shapes)
     options = dict(beta=1e-3, lr=1e-3)
     opt = KintsugiOptimizer(params, fused=True, **options)
     opt_ref = KintsugiOptimizer(reference, foreach=False, **options)
     bound = 6 * torch.finfo(dtype).eps  # the kernel's four, and the rounding of its own Σϕ
     for step in range(40):
-        for p, q, g in zip(params, reference, grads_for(params, step)):
+        for p, q, g in zip(params, reference, gradients(params, step)):
             p.grad, q.grad = g, g.clone()
         opt.step()
         opt_ref.step()
@@ -275,6 +288,38 @@ def test_foreseen_normalisation_keeps_mean_phi_within_rounding(dtype, device):
             assert abs(mean - 1) <= bound, f"step {step}, param {i}: mean ϕ {mean!r}"
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     assert_same(reference, opt_ref, params, opt, rtol=rtol, atol=rtol / 10)
+
+
+@requires_triton
+@pytest.mark.parametrize("phi_scale", [1.0, 2.0], ids=["foresight-holds", "foresight-misses"])
+def test_interpreted_kernels_skip_the_whole_step_on_found_inf(phi_scale, monkeypatch):
+    """The CUDA kernels' own found_inf check, called directly: the dispatcher reads found_inf on
+    the host for CPU tensors, so test_found_inf_skips_the_whole_step never reaches it here."""
+    from triton_interpreter import use_interpreted_cuda_kernels
+
+    import kintsugi_optim._fused
+
+    use_interpreted_cuda_kernels(monkeypatch)
+    params = make_params("cpu")
+    opt = run(params, steps=2, fused=True)
+    states = [opt.state[p] for p in params]
+    for state in states:
+        state["phi"].mul_(phi_scale)
+    grads = [1024 * g for g in grads_for(params, 9)]
+    before = copy.deepcopy((params, grads, states))
+    kintsugi_optim._fused._cpu_kernel()(
+        params, grads, [s["phi"] for s in states], [], [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states], [], [], [], [s["step"] for s in states],
+        torch.tensor(1024.0), torch.tensor(1.0), base="adam", lr=0.05, beta1=0.9, beta2=0.999,
+        eps=1e-8, amsgrad=False, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+        maximize=False, pathway="element", relative=True, beta=0.2, gamma=0.0, l1=0.0,
+        phi_min=1e-3, phi_max=None, norm_mean=True, multiplicative=False, softplus=False,
+    )
+    for old, new in zip(before[0] + before[1], params + grads):
+        assert torch.equal(old, new)
+    for old, new in zip(before[2], states):
+        for key, value in old.items():
+            assert torch.equal(value, new[key]), key
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

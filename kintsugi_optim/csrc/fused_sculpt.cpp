@@ -4,8 +4,9 @@
 // gilded — in as few passes over memory as the maths allows, each tensor's passes run back to
 // back so its buffers are still in cache:
 //
-//   element: [Σ|g| if fracture="relative"] → θ step and gilding in one loop, Σϕ'
-//            → [ϕ ← ϕ·(n/Σϕ') if phi_norm="mean", unless that factor was foreseen]
+//   element: [Σ|g| if fracture="relative"] → θ step and gilding in one loop, ϕ' stored
+//            normalised by a foreseen factor where it can be, Σϕ
+//            → [ϕ ← ϕ·(n/Σϕ) if phi_norm="mean" and mean ϕ is not within kForesight of 1]
 //   row:     θ step accumulating each row's Σ|g| → gild the row vector ϕ
 //   tensor:  θ step accumulating Σ|g| → after every tensor, gild the group's ϕ vector
 //
@@ -36,9 +37,10 @@ constexpr int64_t kParallelTensor = int64_t{1} << 18;
 constexpr int64_t kGrain = int64_t{1} << 15;  // elements per parallel chunk of a large tensor
 constexpr int64_t kConvertChunk = 256;        // lanes converted at a time for bf16/fp16
 constexpr int64_t kSumBlock = 256;            // vector adds before a sum goes into a double
-// How far from 1 (relative) the mean of ϕ may end when its normalising factor was foreseen,
-// before ϕ is rescaled after all. Each foreseen step leaves its rounding error in Σϕ for the
-// next, damped only by 1/(1 + β): unbounded, the mean would drift by about 1/β roundings.
+// How far from 1 (relative) mean ϕ may end under phi_norm="mean" before the element pathway
+// makes a pass to rescale ϕ. Where the normalising factor was foreseen, each step leaves its
+// rounding error in Σϕ for the next, damped only by 1/(1 + β): unbounded, the mean would drift
+// by about 1/β roundings.
 template <typename T>
 constexpr double kForesight = 4 * std::numeric_limits<T>::epsilon();
 
@@ -88,6 +90,14 @@ class LaneSum {
   int64_t pending_ = 0;
   double total_ = 0;
 };
+
+// ϕ − 1, summed where Σϕ is wanted (Σϕ = n + Σ(ϕ − 1)): ϕ lies near 1, and LaneSum's float
+// additions of values near 1 round alike, so Σϕ would drift by tens of eps over a block, while
+// the deviations sum almost exactly.
+template <typename T>
+Vec<T> deviation_from_one(const Vec<T>& phi) {
+  return phi - Vec<T>(1);
+}
 
 // f(begin, end) → partial sum over [0, n): across threads, or at once.
 template <typename F>
@@ -151,10 +161,10 @@ void gild_vector(const Options& o, T* phi, T* rho, T* l, int64_t n) {
     if (gd.softplus && !o.norm_mean) {
       softplus_inverse(out).store(rho + i, count);
     }
-    phi_sum.add_first(out, count);
+    phi_sum.add_first(deviation_from_one(out), count);
   });
   if (o.norm_mean) {
-    normalise(phi, gd.softplus ? rho : nullptr, n, static_cast<T>(double(n) / phi_sum.total()));
+    normalise(phi, gd.softplus ? rho : nullptr, n, static_cast<T>(double(n) / (n + phi_sum.total())));
   }
 }
 
@@ -360,7 +370,7 @@ class SlotStep {
   }
 
   // θ step and gilding of each lane's own ϕ over [begin, end), ϕ' stored as max(ϕ'·scale, floor)
-  // (1 and 0 store it as it is); returns Σϕ' before scaling.
+  // (1 and 0 store it as it is); returns Σ(stored − 1), see deviation_from_one.
   double element_pass(int64_t begin, int64_t end, const Gilding<T>& gd, T inv_mean, T scale, T floor) {
     const bool store_rho = gd.softplus && !o_.norm_mean;  // else normalise() derives it
     return in_math_type(buffers_, begin, end, rule_.unscale, [&](const Buffers<T>& b, int64_t start, int64_t n) {
@@ -375,11 +385,12 @@ class SlotStep {
         }
         V r = gd.softplus ? V::loadu(rho + i, count) : V(0);
         const V out = gild_lanes(gd, phi_before, l, r);
-        at::vec::clamp_min(out * V(scale), V(floor)).store(phi + i, count);
+        const V stored = at::vec::clamp_min(out * V(scale), V(floor));
+        stored.store(phi + i, count);
         if (store_rho) {
           softplus_inverse(out).store(rho + i, count);
         }
-        sum.add_first(out, count);
+        sum.add_first(deviation_from_one(stored), count);
       });
       return sum.total();
     });
@@ -393,20 +404,17 @@ class SlotStep {
       inv_mean = T(1) / clamp_mean<T>(abs_total, n_);
     }
     const Gilding<T> gd = make_gilding<T>(o_, n_);
-    const std::optional<T> foreseen = foreseen_factor(gd, abs_total, inv_mean);
-    const T scale = foreseen.value_or(T(1));
-    const T floor = foreseen ? std::numeric_limits<T>::min() : T(0);
-    const double phi_sum = sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
+    const T scale = foreseen_factor(gd, abs_total, inv_mean).value_or(T(1));
+    // normalise()'s floor, applied as ϕ is stored in case no rescaling follows
+    const T floor = o_.norm_mean ? std::numeric_limits<T>::min() : T(0);
+    const double phi_sum = double(n_) + sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
       return element_pass(b, e, gd, inv_mean, scale, floor);
     });
-    if (!o_.norm_mean) {
+    // Under softplus the rescaling pass also derives ρ, so it always runs.
+    if (!o_.norm_mean || (!gd.softplus && std::abs(phi_sum / double(n_) - 1) <= kForesight<T>)) {
       return;
     }
-    const double stored_sum = double(scale) * phi_sum;
-    if (foreseen && std::abs(stored_sum / double(n_) - 1) <= kForesight<T>) {
-      return;
-    }
-    const T factor = static_cast<T>(double(n_) / stored_sum);  // one rounding: ϕ ≡ 1 stays 1
+    const T factor = static_cast<T>(double(n_) / phi_sum);  // one rounding: ϕ ≡ 1 stays 1
     sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
       normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
       return 0.0;
@@ -420,8 +428,8 @@ class SlotStep {
   // Under additive ascent, clamp positivity and no damping, Σϕ' = Σϕ + β·Σ(l − λ) as long as no
   // pathway is clamped or has a non-finite u; with the relative fracture Σl = Σ|g|/mean|g| is
   // known from the pre-pass, and Σϕ = n holds to rounding after the last step's normalisation.
-  // run_element measures the true Σϕ' in the step's pass and rescales ϕ after all where the
-  // foresight was off by more than kForesight (the first step, a clamped pathway, ϕ set by hand).
+  // run_element sums ϕ as stored in the step's pass and rescales it after all where its mean is
+  // off by more than kForesight (the first step, a clamped pathway, ϕ set by hand).
   std::optional<T> foreseen_factor(const Gilding<T>& gd, double abs_total, T inv_mean) const {
     if (!(o_.norm_mean && o_.relative && gd.gamma == 0 && !gd.softplus && !gd.multiplicative)) {
       return std::nullopt;
