@@ -8,7 +8,7 @@ only when a buffer is reallocated, so a training loop builds them once and a ste
 work per element and no host sync.
 
     element: [_abs_sum_kernel: Σ|g| if fracture="relative"] → _flat_step_kernel: θ step + gilding,
-             Σϕ' → [_normalise_kernel if phi_norm="mean"; with FORESEE, only where it missed]
+             Σϕ → [_normalise_kernel if phi_norm="mean": where mean ϕ is off 1 by over 4 eps]
     row:     _row_step_kernel: θ step + each row's Σ|g| → _gild_scopes_kernel, a program per tensor
     tensor:  _flat_step_kernel: θ step + Σ|g| → _gild_scopes_kernel, one program for the group
 
