@@ -223,7 +223,8 @@ def test_grad_scale_is_divided_out(config, device):
 
 
 # On CPU tensors the dispatcher (kintsugi_optim._fused) reads found_inf and a tensor lr on the
-# host, so the interpreted CUDA kernels never see them: their branches for these run on CUDA.
+# host, so the interpreted CUDA kernels never see them through the optimizer: their branches for
+# these run on CUDA (and found_inf's also in test_interpreted_kernels_skip_the_whole_step_on_found_inf).
 HOST_READ_DEVICES = [d for d in DEVICES if getattr(d, "values", [d])[0] != "triton-interpreter"]
 
 
