@@ -28,22 +28,16 @@ from typing import Callable, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.optimizer import (
+from torch.optim.optimizer import Optimizer
+
+from kintsugi_optim._compat import (
     _default_to_fused_or_foreach,
     _disable_dynamo_if_unsupported,
     _get_capturable_supported_devices,
     _get_value,
     _stack_if_compiling,
-    Optimizer,
+    _to_scalar,
 )
-
-try:  # torch >= 2.6
-    from torch.optim.optimizer import _to_scalar
-except ImportError:  # pragma: no cover - older torch
-
-    def _to_scalar(x):
-        return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
-
 
 __all__ = [
     "fracture", "gild", "gild_pathways", "gilder_step", "new_phi", "phi_dtype", "phi_shape",

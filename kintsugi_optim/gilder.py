@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from kintsugi_optim._compat import _flatten_dense_tensors, _unflatten_dense_tensors
 from kintsugi_optim._validation import require_choice, require_nonnegative, validate_gilding
 from kintsugi_optim.functional import FRACTURES, gilder_step, softplus_inverse
 

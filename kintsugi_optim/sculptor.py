@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import (
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from kintsugi_optim._compat import (
     _device_dtype_check_for_fused,
     _get_scalar_dtype,
     _use_grad_for_differentiable,
-    Optimizer,
-    ParamsT,
 )
 
 from kintsugi_optim._validation import (
