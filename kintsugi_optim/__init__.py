@@ -34,3 +34,7 @@ __all__ = [
     "group_dro",
     "sigils",
 ]
+
+from kintsugi_optim.gilded import Gilded  # noqa: E402
+
+__all__.append("Gilded")
