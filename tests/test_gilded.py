@@ -17,6 +17,7 @@ from torch.optim.optimizer import Optimizer
 
 import reference
 from kintsugi_optim import Gilded, KintsugiOptimizer
+from kintsugi_optim.history import flat_gilding
 
 
 class Lion(Optimizer):
@@ -481,6 +482,7 @@ def test_gilding_is_keyed_like_the_sculptor():
     assert after["body"]["layer.weight"] is gilded.state[w]["phi"]
     assert "phi" not in gilded.state[frozen]
     assert torch.equal(after[1]["head"], torch.ones(2))
+    assert list(flat_gilding(gilded)) == ["body/layer.weight", "body/layer.bias", "1/head"]
 
 
 # ---------------------------------------------------------------------------------------------
