@@ -20,6 +20,7 @@ from kintsugi_optim.functional import (
     FRACTURES,
     PATHWAYS,
     _broadcast,
+    _runs,
     fracture,
     gild_pathways,
     new_phi,
@@ -110,7 +111,7 @@ class Gilded(Optimizer):
         positivity: str = "clamp",
     ) -> None:
         base_name = type(base_optimizer).__name__
-        require(isinstance(base_optimizer, Optimizer), "base_optimizer", base_optimizer,
+        require(isinstance(base_optimizer, Optimizer), "base_optimizer", base_name,
                 "must be a torch.optim.Optimizer")
         require(not isinstance(base_optimizer, torch.optim.LBFGS), "base_optimizer", base_name,
                 "LBFGS evaluates the closure many times within one step")
@@ -196,10 +197,29 @@ class Gilded(Optimizer):
         self.base_optimizer.step()
         for group, entries in plans:
             if entries:
-                self._rescale(group, entries)
-                if group["beta"] != 0:
-                    self._gild(group, entries)
+                self._finish(group, entries)
         return loss
+
+    def _finish(self, group: dict[str, Any], entries: list[tuple]) -> None:
+        """Rescale and gild, a cache-sized run of parameters at a time on the CPU (as the
+        Sculptor steps, see functional._runs): each pass after a run's first finds its tensors
+        in cache, and the temporaries stay small. The tensor pathway gilds its group at the end."""
+        foreach = self._foreach(group, [p for p, _, _ in entries])
+        gilding = group["beta"] != 0
+        whole_group = group["pathway"] == "tensor"
+        scope: tuple[list, list, list] = ([], [], [])
+        for run in _runs([p for p, _, _ in entries]):
+            self._rescale(group, entries[run], foreach)
+            if not gilding:
+                continue
+            phis, fractures, rhos = self._gilding_lists(group, entries[run])
+            if whole_group:
+                for collected, tensors in zip(scope, (phis, fractures, rhos)):
+                    collected.extend(tensors)
+            else:
+                self._gild(group, phis, fractures, rhos, foreach)
+        if gilding and whole_group:
+            self._gild(group, *scope, foreach)
 
     def _prepare(self, group: dict[str, Any]) -> tuple[dict[str, Any], list[tuple]]:
         """(param, θ₀ copy or None, fracture or None) for each parameter the step gilds."""
@@ -224,7 +244,7 @@ class Gilded(Optimizer):
             entries.append((p, theta0, l))
         return group, entries
 
-    def _rescale(self, group: dict[str, Any], entries: list[tuple]) -> None:
+    def _rescale(self, group: dict[str, Any], entries: list[tuple], foreach: bool) -> None:
         """θ ← θ_base − (ϕ − 1)·(θ₀ − θ_base), in place of each θ₀ copy."""
         params, theta0s, scales = [], [], []
         for p, theta0, _ in entries:
@@ -241,29 +261,34 @@ class Gilded(Optimizer):
             scales.append(_broadcast(phi, real))
         if not params:
             return
-        if self._foreach(group, params):
+        if foreach:
             torch._foreach_sub_(theta0s, params)
             torch._foreach_addcmul_(params, theta0s, torch._foreach_sub(scales, 1.0), value=-1)
         else:
             for p, theta0, scale in zip(params, theta0s, scales):
                 p.addcmul_(theta0.sub_(p), scale - 1, value=-1)
 
-    def _gild(self, group: dict[str, Any], entries: list[tuple]) -> None:
+    def _gilding_lists(self, group: dict[str, Any], entries: list[tuple]) -> tuple[list, list, list]:
+        """ϕ (created here, after the base's step: its lazy initialisation is done), fractures
+        and, with softplus, ρ derived afresh from ϕ (never stale after an edit of ϕ)."""
         softplus = group["positivity"] == "softplus"
         phis, fractures, rhos = [], [], []
         for p, _, l in entries:
             state = self.state[p]
-            if "phi" not in state:  # after the base's step: its lazy initialisation is done
+            if "phi" not in state:
                 state["phi"] = new_phi(p, group["pathway"], group["phi_init"])
             if softplus:
-                # ρ is a function of ϕ: derived afresh, never stale after an edit of ϕ.
                 state["rho"] = softplus_inverse(state["phi"])
                 rhos.append(state["rho"])
             phis.append(state["phi"])
             fractures.append(l)
+        return phis, fractures, rhos
+
+    def _gild(self, group: dict[str, Any], phis: list, fractures: list, rhos: list,
+              foreach: bool) -> None:
         gild_pathways(
-            phis, fractures, rhos if softplus else None, pathway=group["pathway"],
-            fracture=group["fracture"], foreach=self._foreach(group, [p for p, _, _ in entries]),
+            phis, fractures, rhos if group["positivity"] == "softplus" else None,
+            pathway=group["pathway"], fracture=group["fracture"], foreach=foreach,
             **{key: group[key] for key in _GILD_KEYS},
         )
 
