@@ -86,8 +86,8 @@ class Gilded(Optimizer):
     Every gilding option may be set per param group, in the dicts given to the base optimizer
     or to :meth:`add_param_group`. The rescale and the gilding use the ``torch._foreach_*``
     implementation where the base's group asks for ``foreach`` or ``fused`` (or leaves it unset
-    on a device where torch defaults to foreach), else the single-tensor one; both give the
-    same bits. Memory: one copy of θ during the step (and the fracture), beside the base's own.
+    on a device where torch defaults to foreach), else the single-tensor one: the rescale gives the
+    same bits either way, the gilding the same values to rounding. Memory: one copy of θ during the step (and the fracture), beside the base's own.
 
     Example:
         >>> opt = Gilded(torch.optim.Adagrad(model.parameters(), lr=0.01), beta=0.01)
