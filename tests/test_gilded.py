@@ -302,6 +302,18 @@ def test_shares_groups_and_state_with_the_base():
     assert "Gilded(NAdam)" in repr(gilded)
 
 
+def test_add_param_group_fills_the_base_and_gilding_defaults():
+    base = torch.optim.SGD(make_params()[:1], lr=0.1)
+    gilded = Gilded(base, beta=0.2)
+    extra = torch.zeros(3, requires_grad=True)
+    gilded.add_param_group({"params": [extra], "pathway": "tensor"})
+    group = base.param_groups[-1]
+    assert (group["lr"], group["beta"], group["pathway"]) == (0.1, 0.2, "tensor")
+    extra.grad = torch.ones(3)
+    gilded.step()
+    assert gilded.gilding()[1][0].shape == ()
+
+
 @pytest.mark.parametrize("make_scheduler", [
     lambda opt: lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
     lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=STEPS),
