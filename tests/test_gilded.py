@@ -548,6 +548,19 @@ def test_sparse_gradients_are_refused_before_anything_changes():
     assert len(gilded.state) == 0
 
 
+def test_sparse_gradients_pass_through_where_beta_is_zero():
+    ours, theirs = torch.randn(5, 2, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    with torch.no_grad():
+        theirs.copy_(ours)
+    gilded = Gilded(torch.optim.Adagrad([ours], lr=0.1), beta=0.0)
+    bare = torch.optim.Adagrad([theirs], lr=0.1)
+    grad = torch.randn(5, 2).to_sparse()
+    for p, opt in ((ours, gilded), (theirs, bare)):
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(ours, theirs)
+
+
 def test_a_phi_that_does_not_fit_the_pathway_is_refused_on_load():
     params = make_params()
     gilded = Gilded(torch.optim.Adam(params, lr=0.01), beta=0.3, pathway="row")
