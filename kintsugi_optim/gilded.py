@@ -20,6 +20,7 @@ from kintsugi_optim.functional import (
     FRACTURES,
     PATHWAYS,
     _broadcast,
+    _cpu_eager,
     _runs,
     fracture,
     gild_pathways,
@@ -245,7 +246,7 @@ class Gilded(Optimizer):
         return group, entries
 
     def _rescale(self, group: dict[str, Any], entries: list[tuple], foreach: bool) -> None:
-        """θ ← θ_base − (ϕ − 1)·(θ₀ − θ_base), in place of each θ₀ copy."""
+        """θ ← θ₀ + ϕ·(θ_base − θ₀), using each θ₀ copy as scratch."""
         params, theta0s, scales = [], [], []
         for p, theta0, _ in entries:
             if theta0 is None:
@@ -261,11 +262,16 @@ class Gilded(Optimizer):
             scales.append(_broadcast(phi, real))
         if not params:
             return
-        if foreach:
-            torch._foreach_sub_(theta0s, params)
-            torch._foreach_addcmul_(params, theta0s, torch._foreach_sub(scales, 1.0), value=-1)
-        else:
-            for p, theta0, scale in zip(params, theta0s, scales):
+        # lerp(θ₀, θ_base, ϕ) is θ₀ + ϕ·(θ_base − θ₀) in one pass, and torch computes it as
+        # θ_base − (θ_base − θ₀)·(1 − ϕ) for ϕ ≥ 0.5: ϕ = 1 gives θ_base's bits.
+        if foreach and not _cpu_eager(params):  # one launch per op; on the CPU a loop anyway
+            torch._foreach_lerp_(theta0s, params, scales)
+            torch._foreach_copy_(params, theta0s)
+            return
+        for p, theta0, scale in zip(params, theta0s, scales):
+            if scale.dtype == p.dtype:
+                torch.lerp(theta0, p, scale, out=p)
+            else:  # a float32 ϕ of a bf16/fp16 θ: the product in ϕ's precision, rounded once
                 p.addcmul_(theta0.sub_(p), scale - 1, value=-1)
 
     def _gilding_lists(self, group: dict[str, Any], entries: list[tuple]) -> tuple[list, list, list]:
