@@ -58,8 +58,8 @@ class Gilded(Optimizer):
     1. fracture signal l = |g| reduced to the pathway, relative to its scope's mean when
        ``fracture="relative"`` (docs/maths.md §2.1), taken before the base step;
     2. the base optimizer steps: θ₀ → θ_base;
-    3. θ ← θ₀ + ϕ·(θ_base − θ₀), with ϕ from before this step, computed as
-       θ_base + (ϕ − 1)·(θ_base − θ₀) so that ϕ = 1 gives θ_base exactly;
+    3. θ ← θ₀ + ϕ·(θ_base − θ₀) = ``torch.lerp(θ₀, θ_base, ϕ)``, with ϕ from before this
+       step; ϕ = 1 gives θ_base exactly;
     4. ϕ ← gild(ϕ, l) (docs/maths.md §2.2); the tensor pathway's scope is the param group.
 
     ``Gilded`` shares the base's ``param_groups`` and ``state`` (``gilded.param_groups is
