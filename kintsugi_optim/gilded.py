@@ -15,7 +15,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from kintsugi_optim._compat import _default_to_fused_or_foreach
-from kintsugi_optim._validation import require, require_choice, require_nonnegative, validate_gilding
+from kintsugi_optim._validation import (
+    require,
+    require_choice,
+    require_nonnegative,
+    validate_gilding,
+)
 from kintsugi_optim.functional import (
     FRACTURES,
     PATHWAYS,
@@ -85,10 +90,11 @@ class Gilded(Optimizer):
         positivity (str): "clamp" (default) or "softplus".
 
     Every gilding option may be set per param group, in the dicts given to the base optimizer
-    or to :meth:`add_param_group`. The rescale and the gilding use the ``torch._foreach_*``
-    implementation where the base's group asks for ``foreach`` or ``fused`` (or leaves it unset
-    on a device where torch defaults to foreach), else the single-tensor one: the rescale gives the
-    same bits either way, the gilding the same values to rounding. Memory: one copy of θ during the step (and the fracture), beside the base's own.
+    or to :meth:`add_param_group`. The gilding uses the ``torch._foreach_*`` implementation
+    where the base's group asks for ``foreach`` or ``fused`` (or leaves it unset on a device
+    where torch defaults to foreach), else the single-tensor one (the same values to rounding);
+    the rescale gives the same bits either way. Memory: a copy of θ and the fracture live
+    during the step, beside the base's own state.
 
     Example:
         >>> opt = Gilded(torch.optim.Adagrad(model.parameters(), lr=0.01), beta=0.01)
@@ -170,7 +176,8 @@ class Gilded(Optimizer):
         self._fill_gilding_defaults()
 
     def __repr__(self) -> str:
-        return super().__repr__().replace("Gilded (", f"Gilded({type(self.base_optimizer).__name__}) (", 1)
+        base = type(self.base_optimizer).__name__
+        return super().__repr__().replace("Gilded (", f"Gilded({base}) (", 1)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer, with the gilding defaults for the keys it lacks."""
@@ -274,7 +281,7 @@ class Gilded(Optimizer):
             else:  # a float32 ϕ of a bf16/fp16 θ: the product in ϕ's precision, rounded once
                 p.addcmul_(theta0.sub_(p), scale - 1, value=-1)
 
-    def _gilding_lists(self, group: dict[str, Any], entries: list[tuple]) -> tuple[list, list, list]:
+    def _gilding_lists(self, group: dict[str, Any], entries: list[tuple]) -> tuple[list, ...]:
         """ϕ (created here, after the base's step: its lazy initialisation is done), fractures
         and, with softplus, ρ derived afresh from ϕ (never stale after an edit of ϕ)."""
         softplus = group["positivity"] == "softplus"
@@ -364,7 +371,8 @@ class Gilded(Optimizer):
                     if tuple(phi.shape) != tuple(expected):
                         raise ValueError(
                             f"Invalid phi for parameter {name!r}: shape {tuple(phi.shape)} does "
-                            f"not fit pathway={options['pathway']!r}, which needs {tuple(expected)}")
+                            f"not fit pathway={options['pathway']!r}, which needs "
+                            f"{tuple(expected)}")
                     kept[p] = {k: saved_state[k] for k in ("phi", "rho") if k in saved_state}
         self.base_optimizer.load_state_dict(state_dict)
         self._fill_gilding_defaults()

@@ -184,7 +184,7 @@ def reference_run(make_base, params, options, steps=STEPS, seed=1):
             rho = torch.log(torch.expm1(phi)) if softplus else None
             new, _ = reference.gild(phi, l, rho, **gild_options)
             for j, k in enumerate(ks):
-                phis[k] = new.view(phi.shape)[j] if o["pathway"] == "tensor" else new.view(phi.shape)
+                phis[k] = new[j] if o["pathway"] == "tensor" else new.view(phi.shape)
     return phis
 
 
