@@ -4,7 +4,7 @@ These are torch's own optimizer helpers, imported so that our optimizers make ex
 torch's make (foreach/fused defaults, the scalar dtype of ``step``, dynamo and capturable
 handling). They carry no stability promise: a torch release may move or rename them, and this
 module is where that is absorbed. Each says why it is used and the oldest torch that has it,
-checked in the released wheels (2.4.1, 2.5.1, 2.6.0, 2.7.0, 2.8.0 and 2.13.0). The package's
+checked in the released wheels (2.4.1, 2.5.1, 2.6.0, 2.7.0, 2.8.0, 2.12.0 and 2.13.0). The package's
 floor is torch 2.6 (``pyproject.toml``): everything here imports on 2.6.
 
 Not imported here, because they are public or used as torch uses them: the
@@ -59,8 +59,8 @@ _group_tensors_by_device_and_dtype = Optimizer._group_tensors_by_device_and_dtyp
 
 def _graph_capture_health_check(optimizer: Optimizer) -> None:
     """torch's check that a step under CUDA graph capture is capturable. Named
-    ``_accelerator_graph_capture_health_check`` from after 2.8 (present in 2.13),
-    ``_cuda_graph_capture_health_check`` before."""
+    ``_accelerator_graph_capture_health_check`` after 2.8 (checked in 2.12 and 2.13),
+    ``_cuda_graph_capture_health_check`` up to 2.8."""
     check = getattr(optimizer, "_accelerator_graph_capture_health_check", None) or getattr(
         optimizer, "_cuda_graph_capture_health_check")
     check()
