@@ -34,3 +34,7 @@ __all__ = [
     "group_dro",
     "sigils",
 ]
+
+from kintsugi_optim.integrations import gilding  # noqa: E402  (appended: one export a line)
+
+__all__ += ["gilding"]
