@@ -36,12 +36,12 @@ def main():
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
                         bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
-    args = TrainingArguments(output_dir="hf-sculptor", max_steps=30, per_device_train_batch_size=16,
-                             gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=3e-3,
-                             lr_scheduler_type="cosine", warmup_steps=3, logging_steps=10,
+    args = TrainingArguments(output_dir="hf-sculptor", max_steps=12, per_device_train_batch_size=16,
+                             gradient_accumulation_steps=2, max_grad_norm=1.0, learning_rate=1e-2,
+                             lr_scheduler_type="cosine", warmup_steps=2, logging_steps=4,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=Patterns(512),
-                      eval_dataset=Patterns(64, seed=1),
+                      eval_dataset=Patterns(32, seed=1),
                       optimizer_cls_and_kwargs=(KintsugiOptimizer, {"base": "adamw", "beta": 0.02}))
     before = trainer.evaluate()["eval_loss"]
     trainer.train()

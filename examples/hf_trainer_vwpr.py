@@ -54,13 +54,13 @@ def main():
     phi_gilder = GilderOptimizer(vwpr.phi_parameters(), beta=0.02, fracture="relative",
                                  phi_norm="mean")
     sculptor = KintsugiOptimizer(vwpr.theta_parameters(), lr=3e-3, base="adamw", beta=0.02)
-    args = TrainingArguments(output_dir="hf-vwpr", max_steps=30, per_device_train_batch_size=32,
-                             logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+    args = TrainingArguments(output_dir="hf-vwpr", max_steps=12, per_device_train_batch_size=32,
+                             logging_steps=4, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True)
     trainer = Trainer(model=vwpr, args=args, train_dataset=Imbalanced(512),
-                      eval_dataset=Imbalanced(128, seed=1), optimizers=(sculptor, None),
+                      eval_dataset=Imbalanced(64, seed=1), optimizers=(sculptor, None),
                       compute_loss_func=compute_loss,
-                      callbacks=[GilderCallback(phi_gilder), GilderCallback(class_gilder)])
+                      callbacks=[GilderCallback(phi_gilder, class_gilder)])
     assert trainer.label_names == ["labels"]
     trainer.train()
     metrics = trainer.evaluate()

@@ -51,11 +51,11 @@ def main():
     y = (x[:, 0] * x[:, 1] > 0).long()
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     model = GildedClassifier()
-    trainer = Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False,
+    trainer = Trainer(max_steps=20, accelerator="cpu", devices=1, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False)
     trainer.fit(model, loader)
-    assert trainer.global_step == 40, trainer.global_step  # θ steps only
+    assert trainer.global_step == 20, trainer.global_step  # θ steps only
     print(f"global_step {trainer.global_step} (= θ steps), "
           f"loss {trainer.callback_metrics['train_loss']:.3f}")
     for layer, phi in gilding(model.vwpr).items():

@@ -37,7 +37,7 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self):
         optimizer = KintsugiOptimizer(self.parameters(), lr=self.lr, base="adamw", beta=0.02)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=60)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=30)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
@@ -47,7 +47,7 @@ def main():
     y = (x[:, 0] * x[:, 1] > 0).long()
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     model = Classifier()
-    trainer = Trainer(max_steps=60, accelerator="cpu", devices=1, precision="bf16-mixed",
+    trainer = Trainer(max_steps=30, accelerator="cpu", devices=1, precision="bf16-mixed",
                       gradient_clip_val=1.0, logger=TensorBoardLogger("lightning-logs"),
                       enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10)
     trainer.fit(model, loader)

@@ -20,11 +20,12 @@ __all__ = ["GilderCallback"]
 
 
 class GilderCallback(TrainerCallback):
-    """Step a Gilder once per optimizer step of the ``Trainer``, and clear its ϕ.grad.
+    """Step one or more Gilders once per optimizer step of the ``Trainer``; clear their ϕ.grad.
 
     Args:
-        gilder (torch.optim.Optimizer): the ``GilderOptimizer`` over the ϕ to ascend (a VWPR's
-            ``phi_parameters()``, a GildedLoss's ``[phi]``).
+        *gilders (torch.optim.Optimizer): the ``GilderOptimizer``s over the ϕ to ascend (a
+            VWPR's ``phi_parameters()``, a GildedLoss's ``[phi]``), stepped in this order. One
+            callback for all of them: the Trainer warns about two callbacks of one class.
 
     The fracture in ϕ.grad accumulates over the micro-batches of one optimizer step (like θ's
     gradient), and the Gilder steps after the Trainer's θ step (``on_optimizer_step``). The Trainer
@@ -34,14 +35,18 @@ class GilderCallback(TrainerCallback):
     ``fracture="relative"`` on the Gilder (scale-free) or keep to bf16.
     """
 
-    def __init__(self, gilder: torch.optim.Optimizer) -> None:
-        require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
-                "must be a torch.optim.Optimizer (a GilderOptimizer)")
-        self.gilder = gilder
+    def __init__(self, *gilders: torch.optim.Optimizer) -> None:
+        require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
+        for gilder in gilders:
+            require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
+                    "must be a torch.optim.Optimizer (a GilderOptimizer)")
+        self.gilders = list(gilders)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.gilder.zero_grad()
+        for gilder in self.gilders:
+            gilder.zero_grad()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.gilder.step()
-        self.gilder.zero_grad()
+        for gilder in self.gilders:
+            gilder.step()
+            gilder.zero_grad()

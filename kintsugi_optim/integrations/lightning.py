@@ -20,43 +20,51 @@ __all__ = ["GilderCallback"]
 
 
 class GilderCallback(Callback):
-    """Step a Gilder once per optimizer step of the ``Trainer``, and clear its ϕ.grad.
+    """Step one or more Gilders once per optimizer step of the ``Trainer``; clear their ϕ.grad.
 
     Args:
-        gilder (torch.optim.Optimizer): the ``GilderOptimizer`` over the ϕ to ascend.
+        *gilders (torch.optim.Optimizer): the ``GilderOptimizer``s over the ϕ to ascend,
+            stepped in this order. One callback for all of them: Lightning keys a callback's
+            checkpoint state by its class.
 
-    The Gilder steps in ``on_before_optimizer_step``: after the backward of the last
+    The Gilders step in ``on_before_optimizer_step``: after the backward of the last
     accumulated batch and after Lightning unscaled θ's gradients, just before θ's step (the two
     streams are simultaneous, so the order does not change the result), in automatic and in
-    manual optimization. It is not a configured optimizer, so ``global_step`` counts θ's steps
-    only. Under ``precision="16-mixed"`` it steps through Lightning's gradient scaler, so ϕ.grad
-    is unscaled and an overflowing step is skipped for ϕ as for θ. Its state and its ϕ tensors are saved with the checkpoint (``state_dict``) and
-    restored on resume, which matters for a GildedLoss, whose ϕ is not in the model.
+    manual optimization. They are not configured optimizers, so ``global_step`` counts θ's steps
+    only. Under ``precision="16-mixed"`` they step through Lightning's gradient scaler, so ϕ.grad
+    is unscaled and an overflowing step is skipped for ϕ as for θ. Their state and their ϕ
+    tensors are saved with the checkpoint (``state_dict``) and restored on resume, which matters
+    for a GildedLoss, whose ϕ is not in the model.
     """
 
-    def __init__(self, gilder: torch.optim.Optimizer) -> None:
-        require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
-                "must be a torch.optim.Optimizer (a GilderOptimizer)")
-        self.gilder = gilder
+    def __init__(self, *gilders: torch.optim.Optimizer) -> None:
+        require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
+        for gilder in gilders:
+            require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
+                    "must be a torch.optim.Optimizer (a GilderOptimizer)")
+        self.gilders = list(gilders)
 
     def _phis(self) -> list[torch.Tensor]:
-        return [p for group in self.gilder.param_groups for p in group["params"]]
+        return [p for gilder in self.gilders for group in gilder.param_groups
+                for p in group["params"]]
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.gilder.zero_grad()
+        for gilder in self.gilders:
+            gilder.zero_grad()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            # "16-mixed": ϕ.grad is scaled like θ's. Through the same scaler, unscaled and
-            # skipped on inf like θ; Lightning's scaler.update() after θ's step then sees both.
-            scaler.step(self.gilder)
-        else:
-            self.gilder.step()
-        self.gilder.zero_grad()
+        for gilder in self.gilders:
+            if scaler is not None and scaler.is_enabled():
+                # "16-mixed": ϕ.grad is scaled like θ's. Through the same scaler, unscaled and
+                # skipped on inf like θ; Lightning's scaler.update() after θ's step sees all.
+                scaler.step(gilder)
+            else:
+                gilder.step()
+            gilder.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gilder": self.gilder.state_dict(),
+        return {"gilders": [gilder.state_dict() for gilder in self.gilders],
                 "phi": [phi.detach().clone() for phi in self._phis()]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -64,8 +72,9 @@ class GilderCallback(Callback):
         saved = state_dict["phi"]
         require(len(saved) == len(phis) and all(s.shape == p.shape for s, p in zip(saved, phis)),
                 "state_dict", [tuple(s.shape) for s in saved],
-                f"does not fit this Gilder's ϕ shapes {[tuple(p.shape) for p in phis]}")
-        self.gilder.load_state_dict(state_dict["gilder"])
+                f"does not fit these Gilders' ϕ shapes {[tuple(p.shape) for p in phis]}")
+        for gilder, gilder_state in zip(self.gilders, state_dict["gilders"], strict=True):
+            gilder.load_state_dict(gilder_state)
         with torch.no_grad():
             for phi, value in zip(phis, saved):
                 phi.copy_(value)
