@@ -247,6 +247,20 @@ def test_lightning_gilder_callback_counts_theta_steps_and_resumes_phi(tmp_path):
     assert resumed_trainer.global_step == 5
     torch.testing.assert_close(resumed.criterion.phi.detach(), phi, rtol=0, atol=0)
     torch.testing.assert_close(resumed.net.weight.detach(), module.net.weight.detach(), rtol=0, atol=0)
+    # Under 16-mixed, ϕ.grad is scaled by the GradScaler (65536 at first): the callback steps the
+    # Gilder through Lightning's scaler, so ϕ follows the fp32 run up to fp16 rounding.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    criterion, gilder = group_dro(3, step_size=0.5)
+    half = Module(criterion)
+    scaler = torch.amp.GradScaler("cpu")  # given explicitly: Lightning picks bf16 on a CPU
+    Trainer(max_steps=5, accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+            logger=False,
+            enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+            enable_checkpointing=False, callbacks=[GilderCallback(gilder)]).fit(half, loader)
+    assert scaler.get_scale() == 65536.0  # no overflow: every step was taken
+    torch.testing.assert_close(half.criterion.phi.detach(), phi, rtol=0, atol=2e-3)
 
 
 @needs("transformers", "accelerate")
