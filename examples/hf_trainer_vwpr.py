@@ -8,16 +8,17 @@ vwpr.skipped_layers() says why the embeddings are not). The wrapper carries the 
 signature and config, so the Trainer keeps the batch columns and finds the labels, and
 evaluate() reports eval_loss. Group DRO over the classes is a GildedLoss passed as
 compute_loss_func. The Trainer steps one optimizer (θ: the Sculptor); GilderCallback steps each
-Gilder after it. Save with vwpr.save_pretrained(path): from_pretrained reads the model back.
+Gilder after it. VWPRTrainer (a Trainer) saves the wrapped model as from_pretrained reads it,
+with ϕ beside it, and restores both on resume; the plain Trainer would save a bare state dict.
 """
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2ForSequenceClassification, TrainingArguments
 
 from kintsugi_optim import VWPR, GilderOptimizer, KintsugiOptimizer, gilding, group_dro
-from kintsugi_optim.integrations.hf import GilderCallback
+from kintsugi_optim.integrations.hf import GilderCallback, VWPRTrainer
 
 
 class Imbalanced(Dataset):
@@ -57,10 +58,10 @@ def main():
     args = TrainingArguments(output_dir="hf-vwpr", max_steps=12, per_device_train_batch_size=32,
                              logging_steps=4, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True)
-    trainer = Trainer(model=vwpr, args=args, train_dataset=Imbalanced(512),
-                      eval_dataset=Imbalanced(64, seed=1), optimizers=(sculptor, None),
-                      compute_loss_func=compute_loss,
-                      callbacks=[GilderCallback(phi_gilder, class_gilder)])
+    trainer = VWPRTrainer(model=vwpr, args=args, train_dataset=Imbalanced(512),
+                         eval_dataset=Imbalanced(64, seed=1), optimizers=(sculptor, None),
+                         compute_loss_func=compute_loss,
+                         callbacks=[GilderCallback(phi_gilder, class_gilder)])
     assert trainer.label_names == ["labels"]
     trainer.train()
     metrics = trainer.evaluate()
@@ -69,13 +70,13 @@ def main():
     for layer, phi in list(gilding(vwpr).items())[:3]:
         print(f"VWPR ϕ of {layer}: {phi.numel()} pathways in [{phi.min():.3f}, {phi.max():.3f}]")
 
-    vwpr.save_pretrained("hf-vwpr/final")  # the model as from_pretrained reads it, ϕ beside it
+    trainer.save_model("hf-vwpr/final")  # = vwpr.save_pretrained: the model, and ϕ beside it
     reloaded = GPT2ForSequenceClassification.from_pretrained("hf-vwpr/final")
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
                                                   vwpr.model.state_dict().values()))
     phis = torch.load("hf-vwpr/final/gilding_weights.pt")
     assert all(torch.equal(phis[k], v) for k, v in vwpr.gilding_weights.state_dict().items())
-    print("saved with vwpr.save_pretrained and reloaded with from_pretrained")
+    print("saved with trainer.save_model and reloaded with from_pretrained")
 
 
 if __name__ == "__main__":

@@ -273,9 +273,10 @@ class VWPR(nn.Module):
             # Public attributes the wrapper lacks come from the model, as frameworks look for
             # them on whatever they are handed (config, generation_config, can_generate,
             # gradient_checkpointing_enable, ...). Private and dunder names do not: hooks such as
-            # accelerate's _hf_hook must not appear to sit on the wrapper too.
+            # accelerate's _hf_hook must not appear to sit on the wrapper too. The exception is
+            # the Hugging Face key lists the Trainer reads after loading a checkpoint.
             model = self.__dict__.get("_modules", {}).get("model")
-            if model is None or name.startswith("_"):
+            if model is None or (name.startswith("_") and not name.startswith("_keys_to_ignore")):
                 raise
             return getattr(model, name)
 

@@ -312,3 +312,50 @@ def test_timm_registers_names_timm_accepts():
             assert group["nesterov"] is nesterov and group["momentum"] == 0.9
         # timm's recipe: no weight decay on biases and norm weights (1-d), decay on the rest
         assert sorted(len(g["params"]) for g in optimizer.param_groups) == [2, 4]
+
+
+@needs("transformers", "accelerate")
+def test_vwpr_trainer_saves_for_from_pretrained_and_resumes_theta_and_phi(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from kintsugi_optim.integrations.hf import GilderCallback, VWPRTrainer
+
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    ids = torch.randint(1, 40, (48, 8), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": i, "labels": torch.tensor(int(i[0] > 20))} for i in ids]
+
+    def trainer(cls, out, max_steps=4):
+        torch.manual_seed(0)
+        vwpr = VWPR(BertForSequenceClassification(config))
+        gilder = GilderOptimizer(vwpr.phi_parameters(), beta=0.2, fracture="relative")
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=max_steps, save_steps=2,
+                                 per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, seed=0)
+        return cls(model=vwpr, args=args, train_dataset=rows, callbacks=[GilderCallback(gilder)],
+                   optimizers=(KintsugiOptimizer(vwpr.theta_parameters(), lr=0.05, base="sgd",
+                                                 momentum=0.9), None)), vwpr
+
+    whole, vwpr = trainer(VWPRTrainer, "whole")
+    whole.train()
+    whole.save_model(str(tmp_path / "final"))
+    reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    for (name, a), b in zip(reloaded.state_dict().items(), vwpr.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved_phi = torch.load(tmp_path / "final" / "gilding_weights.pt")
+    assert set(saved_phi) == set(vwpr.gilding_weights.state_dict())
+    assert not all(torch.equal(p, torch.ones_like(p)) for p in saved_phi.values())
+
+    resumed, resumed_vwpr = trainer(VWPRTrainer, "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    for a, b in zip(resumed_vwpr.state_dict().values(), vwpr.state_dict().values()):
+        assert torch.equal(a, b)  # θ and ϕ: bitwise the uninterrupted run
+
+    # The plain Trainer writes a bare state dict without config (what VWPRTrainer fixes), and a
+    # VWPRTrainer refuses to resume from it rather than restart ϕ at 1.
+    plain, _ = trainer(Trainer, "plain", max_steps=2)
+    plain.train()
+    assert not (tmp_path / "plain" / "checkpoint-2" / "config.json").exists()
+    with pytest.raises(ValueError, match=r"Invalid resume_from_checkpoint: .*no gilding_weights.pt"):
+        trainer(VWPRTrainer, "other")[0].train(
+            resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
