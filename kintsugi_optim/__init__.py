@@ -35,6 +35,6 @@ __all__ = [
     "sigils",
 ]
 
-from kintsugi_optim.integrations import gilding  # noqa: E402  (appended: one export a line)
+from kintsugi_optim.integrations import gilding  # noqa: E402
 
 __all__ += ["gilding"]
