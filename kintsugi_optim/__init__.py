@@ -5,36 +5,46 @@ of samples) carries a positive gilding weight ϕ that rises with that pathway's 
 fracture signal) and scales the ordinary descent step.
 
 * :class:`KintsugiOptimizer` (alias ``Sculptor``): SGD/Adam/AdamW with ϕ in the optimizer state.
+* :class:`Gilded`: the same gilding over any torch optimizer's step.
 * :class:`GilderOptimizer` (alias ``Gilder``): gradient ascent on explicit ϕ tensors.
 * :class:`VWPR` (alias ``EnhancedVWPRWrapper``): ϕ per output feature/channel of a model's layers.
 * :class:`GildedLoss` and :func:`group_dro`: ϕ per class, group or sample of the loss.
+* :func:`sample_gilding`: ϕ per training example, without labels (re-fire by default).
+* :func:`gilding`: ``{name: ϕ}`` of any of them, also through a framework's wrapper.
 * :class:`PhiHistory` and :mod:`kintsugi_optim.sigils`: ϕ over training, and pictures of it.
 * :mod:`kintsugi_optim.functional`: the maths (fracture, gild, sculpt) as plain functions.
 """
 
 from kintsugi_optim.gilder import Gilder, GilderOptimizer
 from kintsugi_optim.sculptor import KintsugiOptimizer, Sculptor
+from kintsugi_optim.gilded import Gilded
 from kintsugi_optim.history import PhiHistory
 from kintsugi_optim.loss import GildedLoss, group_dro
+from kintsugi_optim.sample import (IndexedDataset, SampleGilder, SampleGildedLoss, sample_gilding,
+                                   with_indices)
 from kintsugi_optim.vwpr import VWPR, EnhancedVWPRWrapper
 from kintsugi_optim import sigils
+from kintsugi_optim.integrations import gilding
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EnhancedVWPRWrapper",
+    "Gilded",
     "Gilder",
     "GildedLoss",
     "GilderOptimizer",
+    "IndexedDataset",
     "KintsugiOptimizer",
     "PhiHistory",
+    "SampleGilder",
+    "SampleGildedLoss",
     "Sculptor",
     "VWPR",
     "__version__",
+    "gilding",
     "group_dro",
+    "sample_gilding",
     "sigils",
+    "with_indices",
 ]
-
-from kintsugi_optim.gilded import Gilded  # noqa: E402
-
-__all__.append("Gilded")

@@ -169,6 +169,8 @@ def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Te
         variant divides it by its mean over the scope (see :func:`relative_fracture_`).
     """
     rows = pathway == "row" and grad.dim() > 0  # rows of grad itself, even when complex
+    if grad.is_sparse:
+        return _sparse_fracture(grad, pathway, dtype)
     if grad.is_complex():
         grad = torch.view_as_real(grad)
     a = grad.abs()
@@ -179,6 +181,34 @@ def fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None = None) -> Te
     if rows:
         return _rows(a).mean(1)
     return a.mean()
+
+
+def _sparse_fracture(grad: Tensor, pathway: str, dtype: torch.dtype | None) -> Tensor:
+    """:func:`fracture` of a sparse COO gradient, equal to that of its dense form (rows it does
+    not touch have fracture 0) without forming the dense gradient, except for element ϕ."""
+    grad = grad.coalesce()  # |a + b| of repeated indices, not |a| + |b|
+    if pathway == "element":
+        a = grad.abs().to_dense()
+        return a if dtype is None else a.to(dtype)
+    indices, values = grad._indices(), grad._values().abs()
+    if dtype is not None:
+        values = values.to(dtype)
+    if pathway == "row" and grad.dim() > 0:
+        sums = values.reshape(values.shape[0], -1).sum(1)
+        out = torch.zeros(grad.shape[0], dtype=values.dtype, device=values.device)
+        return out.index_add_(0, indices[0], sums).div_(max(math.prod(grad.shape[1:]), 1))
+    return values.sum() / max(grad.numel(), 1)
+
+
+def _scale_sparse(grad: Tensor, phi: Tensor, dtype: torch.dtype) -> Tensor:
+    """ϕ·g for a sparse COO gradient: each stored value times the ϕ of its pathway, rounded to
+    ``dtype``; the indices (repeats and order included) are kept, so ϕ ≡ 1 gives back g."""
+    indices, values = grad._indices(), grad._values()
+    k = min(phi.dim(), indices.shape[0])
+    factor = phi[tuple(indices[:k])] if k else phi
+    factor = factor.view(factor.shape + (1,) * (values.dim() - factor.dim()))
+    return torch.sparse_coo_tensor(indices, (values * factor).to(dtype), grad.shape,
+                                   is_coalesced=grad.is_coalesced(), check_invariants=False)
 
 
 def relative_fracture_(fractures: list[Tensor], *, foreach: bool = False) -> None:
@@ -582,7 +612,10 @@ def _single_tensor_sculpt(
                 grad = grad.add(buf, alpha=momentum) if nesterov else buf
             # ϕ·d is formed in ϕ's precision and rounded once to θ's dtype, so a bf16/fp16 θ takes
             # the step in its own arithmetic, exactly torch's SGD when ϕ = 1.
-            scaled = (grad * phi_b).to(param.dtype)
+            if grad.is_sparse:  # nn.Embedding(sparse=True): only the rows it looked up
+                scaled = _scale_sparse(grad, phi, param.dtype)
+            else:
+                scaled = (grad * phi_b).to(param.dtype)
             if capturable and isinstance(lr, Tensor):
                 # alpha=-lr would read a tensor lr back to the host: not inside a CUDA graph
                 param.addcmul_(scaled, lr, value=-1)

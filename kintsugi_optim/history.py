@@ -8,7 +8,7 @@ evenly spaced, from its first record to (within one stride) its latest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,28 +26,17 @@ def quantile_name(q: float) -> str:
 
 
 def flat_gilding(source: Any) -> dict[str, Tensor]:
-    """Every ϕ of ``source`` as ``{name: tensor}``.
+    """Every ϕ of ``source`` as ``{name: tensor}``: :func:`kintsugi_optim.gilding`.
 
     ``source`` is anything with a ``gilding()`` method (:class:`~kintsugi_optim.VWPR`,
     :class:`~kintsugi_optim.KintsugiOptimizer`, :class:`~kintsugi_optim.GilderOptimizer`,
-    :class:`~kintsugi_optim.GildedLoss`) or a mapping of tensors. Nested mappings (the optimizers'
-    ``{group: {param: ϕ}}``) are flattened to ``"group/param"``, dropping the group key when
-    there is a single group.
+    :class:`~kintsugi_optim.GildedLoss`), a framework's wrapper around one (``.optimizer``) or a
+    mapping of tensors. Nested mappings (the optimizers' ``{group: {param: ϕ}}``) are flattened
+    to ``"group/param"``, dropping the group key when there is a single group.
     """
-    gilding = source.gilding() if hasattr(source, "gilding") else source
-    require(isinstance(gilding, Mapping), "source", type(source).__name__,
-            "expected a VWPR, KintsugiOptimizer, GilderOptimizer, GildedLoss or a dict of tensors")
-    out: dict[str, Tensor] = {}
-    single = len(gilding) == 1
-    for key, value in gilding.items():
-        if isinstance(value, Mapping):
-            for inner, phi in value.items():
-                out[str(inner) if single else f"{key}/{inner}"] = phi
-        else:
-            out[str(key)] = value
-    for name, phi in out.items():
-        require(isinstance(phi, Tensor), "source", name, f"holds a {type(phi).__name__}, not a tensor")
-    return out
+    from kintsugi_optim.integrations import gilding
+
+    return gilding(source)
 
 
 class PhiHistory:

@@ -247,8 +247,14 @@ class KintsugiOptimizer(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("KintsugiOptimizer does not support sparse gradients")
+            if p.grad.is_sparse and (base != "sgd" or fused or p.is_complex()):
+                # torch's SGD takes sparse gradients (nn.Embedding(sparse=True)); Adam does not.
+                raise RuntimeError(
+                    "KintsugiOptimizer supports sparse gradients with base='sgd' only, on a real "
+                    f"parameter and without fused (got base={base!r}, fused={fused!r})")
+            if p.grad.is_sparse and group["weight_decay"] != 0:
+                raise RuntimeError("sparse gradients do not take weight_decay (torch's SGD cannot "
+                                   f"add a dense decay to them either); got {group['weight_decay']!r}")
             has_complex |= p.is_complex()
             state = self.state[p]
             phi = state.get("phi")
@@ -334,7 +340,8 @@ class KintsugiOptimizer(Optimizer):
                 max_exp_avg_sqs,
                 momentum_buffers,
                 state_steps,
-                foreach=group["foreach"],
+                # The foreach ops take no sparse tensors: torch's SGD steps those one by one too.
+                foreach=False if any(g.is_sparse for g in grads) else group["foreach"],
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None),

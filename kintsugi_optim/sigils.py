@@ -81,6 +81,12 @@ def _titles(source: Any, names) -> dict[str, str]:
     return titles
 
 
+def _non_finite_note(values: np.ndarray) -> str:
+    """", 2 NaN, 1 inf" for the title of a panel whose ϕ are not all finite; "" otherwise."""
+    counts = {"NaN": int(np.isnan(values).sum()), "inf": int(np.isinf(values).sum())}
+    return "".join(f", {n:,} {kind}" for kind, n in counts.items() if n)
+
+
 def plot_phi_distribution(
     source: Any,
     epoch: int | None = None,
@@ -95,7 +101,9 @@ def plot_phi_distribution(
     Each panel: histogram of ϕ over the layer's pathways (x: gilding weight ϕ, y: number of
     pathways), a dashed line at ϕ = 1 (the initial value) and a solid one at the layer's mean,
     and its mean / std / min / max. Layers with at most 16 pathways (loss groups, a small
-    head) get one bar per pathway instead (x: pathway index, y: ϕ).
+    head) get one bar per pathway instead (x: pathway index, y: ϕ). NaN and inf ϕ (a run
+    that diverged) are counted in the panel's title and left out of its picture and
+    statistics; a layer without pathways gets a panel that says so.
 
     Args:
         source: a VWPR, KintsugiOptimizer, GilderOptimizer, GildedLoss or ``{name: tensor}``.
@@ -117,12 +125,26 @@ def plot_phi_distribution(
 
     titles = _titles(source, gilding)
     for ax, (name, phi) in zip(axes, gilding.items()):
-        values = phi.detach().flatten().float().cpu().numpy()
+        everything = phi.detach().flatten().float().cpu().numpy()
+        # A diverged run (NaN or inf ϕ) or an empty parameter still gets its panel: the finite
+        # values are drawn and the rest are counted in the title, rather than a crash.
+        finite = np.isfinite(everything)
+        values = everything[finite]
+        broken = _non_finite_note(everything[~finite])
+        if values.size == 0:
+            what = "no pathways" if everything.size == 0 else "no finite ϕ"
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes,
+                    color=RED if everything.size else INK)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{titles[name]} — {everything.size:,} pathways{broken}", fontsize=9.5)
+            continue
         mean = float(values.mean())
-        if values.size <= FEW_PATHWAYS:
-            ax.bar(np.arange(values.size), values, color=GOLD, edgecolor=INK, linewidth=0.6)
+        if everything.size <= FEW_PATHWAYS:
+            ax.bar(np.arange(everything.size)[finite], values, color=GOLD, edgecolor=INK,
+                   linewidth=0.6)
             _reference_lines(ax.axhline, mean)
-            ax.set_xticks(np.arange(values.size))
+            ax.set_xticks(np.arange(everything.size))
             ax.set_xlabel("pathway index (unit, channel, group or class)")
             ax.set_ylabel("gilding weight ϕ")
         else:
@@ -134,7 +156,7 @@ def plot_phi_distribution(
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("gilding weight ϕ")
             ax.set_ylabel("pathways")
-        ax.set_title(f"{titles[name]} — {values.size:,} pathways\n"
+        ax.set_title(f"{titles[name]} — {everything.size:,} pathways{broken}\n"
                      f"mean {mean:.3g} · std {values.std():.2g} · "
                      f"min {values.min():.3g} · max {values.max():.3g}", fontsize=9.5)
     if title is None:

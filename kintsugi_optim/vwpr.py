@@ -10,8 +10,11 @@ through autograd itself, ready for a :class:`~kintsugi_optim.GilderOptimizer`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,7 +29,28 @@ from kintsugi_optim.history import PhiHistory
 __all__ = ["VWPR", "EnhancedVWPRWrapper", "GATED_TYPES"]
 
 GATED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""The layer types :class:`VWPR` gates when ``layers`` is None."""
+"""The torch layer types :class:`VWPR` gates when ``layers`` is None (Hugging Face's ``Conv1D``,
+GPT-2's projections, is gated as well when transformers is loaded)."""
+
+_log = logging.getLogger(__name__)
+
+
+def _default_types() -> tuple[type[nn.Module], ...]:
+    # Hugging Face's Conv1D (GPT-2's attention and MLP) is a Linear with its weight transposed.
+    # Looked up only if transformers is already imported: VWPR never imports it.
+    hf = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(hf, "Conv1D", None)
+    return GATED_TYPES + ((conv1d,) if isinstance(conv1d, type) else ())
+
+
+def _pathways(module: nn.Module) -> int | None:
+    """Number of output pathways: ``out_channels`` (channel dim), else ``out_features`` or
+    Hugging Face ``Conv1D``'s ``nf`` (last dim); None when the module has none of them."""
+    for attribute in ("out_channels", "out_features", "nf"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 class _GateFn(torch.autograd.Function):
@@ -121,18 +145,35 @@ class _GildingWeights(nn.Module):
     def phi(self, layer: str) -> Tensor:
         return self._buffers[self.key(layer)]
 
+    def __init__(self, phi_init: float = 1.0) -> None:
+        super().__init__()
+        self.phi_init = phi_init
+
     def _apply(self, fn, recurse: bool = True):
         # nn.Module replaces each buffer with fn(buffer), outside no_grad: a ϕ would become a
         # non-leaf that never receives .grad, and optimizers holding the old tensor would be
         # orphaned. Convert in place instead, as nn.Module does for parameters; ϕ stays float32
         # under .half()/.bfloat16() (a 16-bit ϕ near 1 cannot register a small gilding step).
         with torch.no_grad():
-            for phi in self._buffers.values():
+            for key, phi in list(self._buffers.items()):
                 converted = fn(phi)
-                phi.data = converted.to(phi_dtype(converted))
-                if phi.grad is not None:
-                    phi.grad = fn(phi.grad).to(phi.dtype)
+                converted = converted.to(phi_dtype(converted))
+                if torch._has_compatible_shallow_copy_type(phi, converted):
+                    phi.data = converted
+                    if phi.grad is not None:
+                        phi.grad = fn(phi.grad).to(phi.dtype)
+                else:
+                    # meta → a real device (to_empty): no in-place swap exists between the two
+                    # kinds of tensor, so ϕ becomes a new leaf, as nn.Module does for parameters.
+                    self._buffers[key] = converted.detach().requires_grad_(phi.requires_grad)
         return self
+
+    def reset_parameters(self) -> None:
+        """Set every ϕ to ``phi_init`` and drop its gradient (after ``to_empty()``, say)."""
+        with torch.no_grad():
+            for phi in self._buffers.values():
+                phi.fill_(getattr(self, "phi_init", 1.0))
+                phi.grad = None
 
 
 class VWPR(nn.Module):
@@ -154,8 +195,10 @@ class VWPR(nn.Module):
     Args:
         model: the network. It becomes the submodule ``vwpr.model``.
         layers: which modules to gate: names (as in ``model.named_modules()``) and/or module
-            types, or None (default) for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A gated
-            module needs ``out_features`` (pathways on the last dim) or ``out_channels``.
+            types, or None (default) for every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging
+            Face ``Conv1D``. A gated module needs ``out_features`` or ``nf`` (pathways on the last
+            dim) or ``out_channels``. :meth:`skipped_layers` says which weight-bearing modules
+            the default left out, and why.
         phi_init (float): initial ϕ, > 0 (default: 1.0, the bare model's gradients).
         history (bool or PhiHistory): keep bounded ϕ summaries in ``vwpr.history``
             (default: True; False for none; or a configured :class:`PhiHistory`).
@@ -193,10 +236,11 @@ class VWPR(nn.Module):
                 "phi_init", phi_init, "must be a finite number > 0")
         require(isinstance(history, (bool, PhiHistory)), "history", history,
                 "must be True, False or a PhiHistory")
-        selected = _select_layers(model, layers)  # every check before the first hook
+        selected, skipped = _select_layers(model, layers)  # every check before the first hook
         self.model = model
-        self.gilding_weights = _GildingWeights()
+        self.gilding_weights = _GildingWeights(float(phi_init))
         self._gated_names = [name for name, _, _ in selected]
+        self._skipped = skipped
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         for name, module, pathways in selected:
             weight = getattr(module, "weight", None)
@@ -210,9 +254,43 @@ class VWPR(nn.Module):
                 _Gate(self.gilding_weights, name, module))
         # Not `history or None`: an empty PhiHistory has len 0 and is falsy.
         self.history = PhiHistory() if history is True else None if history is False else history
+        if skipped:
+            _log.info("VWPR gates %d layers of %s and skips %d weight-bearing modules: %s",
+                      len(selected), type(model).__name__, len(skipped),
+                      "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+        base = getattr(type(self), "_vwpr_base", type(self))
+        self.__class__ = _signature_class(base, type(model))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)``. Each wrapper's class carries the wrapped model's forward
+        signature, so ``inspect.signature(vwpr.forward)`` is the model's."""
         return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Public attributes the wrapper lacks come from the model, as frameworks look for
+            # them on whatever they are handed (config, generation_config, can_generate,
+            # gradient_checkpointing_enable, ...). Private and dunder names do not: hooks such as
+            # accelerate's _hf_hook must not appear to sit on the wrapper too. The exception is
+            # the Hugging Face key lists the Trainer reads after loading a checkpoint.
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or (name.startswith("_") and not name.startswith("_keys_to_ignore")):
+                raise
+            return getattr(model, name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The signature class is made at run time, so pickle cannot find it by name: rebuild it
+        # from the base class and the model's class, both importable.
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if "_vwpr_model_class" not in cls.__dict__:
+            return reduced
+        return (_new_vwpr, (cls._vwpr_base, cls._vwpr_model_class)) + tuple(reduced[2:])
+
+    def _get_name(self) -> str:
+        return getattr(type(self), "_vwpr_base", type(self)).__name__
 
     # -- the two streams' tensors ------------------------------------------------------------
 
@@ -236,6 +314,22 @@ class VWPR(nn.Module):
     def layers(self) -> list[str]:
         """Names of the gated layers (still listed after :meth:`remove`)."""
         return list(self._gated_names)
+
+    def gated_layers(self) -> dict[str, int]:
+        """``{layer name: number of pathways}`` of every gated layer, in model order."""
+        return {name: phi.shape[0] for name, phi in self.phi().items()}
+
+    def skipped_layers(self) -> dict[str, str]:
+        """``{module name: why}`` for the modules with a weight matrix that the default choice
+        (``layers=None``) did not gate, such as embeddings; empty when ``layers`` was given.
+        The same list is logged at INFO level by the ``kintsugi_optim.vwpr`` logger."""
+        return dict(getattr(self, "_skipped", {}))
+
+    def reset_parameters(self) -> None:
+        """Set every ϕ back to ``phi_init`` and drop ϕ.grad. With a model built on the meta
+        device: ``vwpr.to_empty(device=...)``, then each module's ``reset_parameters()``
+        (this one included) initialises θ and ϕ."""
+        self.gilding_weights.reset_parameters()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of θ and of ϕ (``nn.Module.zero_grad`` skips buffers)."""
@@ -310,6 +404,29 @@ class VWPR(nn.Module):
         self.record()
         return l_map, phi_vals
 
+    # -- saving ------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the wrapped Hugging Face model as ``model.save_pretrained`` does (config and
+        weights, readable by ``from_pretrained``), plus ϕ as ``gilding_weights.pt`` beside it.
+
+        ``kwargs`` go to the model's ``save_pretrained``; a ``state_dict`` of the wrapper (keys
+        ``model.*``) is narrowed to the model's own keys. Restore ϕ with
+        ``vwpr.gilding_weights.load_state_dict(torch.load(path / "gilding_weights.pt"))``.
+        """
+        save = getattr(self.model, "save_pretrained", None)
+        require(callable(save), "model", type(self.model).__name__,
+                "has no save_pretrained; save vwpr.state_dict() with torch.save instead")
+        state_dict = kwargs.pop("state_dict", None)
+        if state_dict is not None:
+            prefix = "model."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            kwargs["state_dict"] = state_dict
+        save(save_directory, **kwargs)
+        if kwargs.get("is_main_process", True):
+            phis = {k: v.detach().cpu() for k, v in self.gilding_weights.state_dict().items()}
+            torch.save(phis, os.path.join(os.fspath(save_directory), "gilding_weights.pt"))
+
     # -- sigils --------------------------------------------------------------------------------
 
     def visualize_phi_distribution(
@@ -329,13 +446,25 @@ class VWPR(nn.Module):
 
 def _select_layers(
     model: nn.Module, layers: Iterable[str | type[nn.Module]] | str | type[nn.Module] | None
-) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, number of pathways) of each module to gate, in model order, all checked."""
+) -> tuple[list[tuple[str, nn.Module, int]], dict[str, str]]:
+    """(name, module, number of pathways) of each module to gate, in model order, all checked;
+    and ``{name: reason}`` for the weight-bearing modules the default choice leaves out."""
     modules = dict(model.named_modules())
+    skipped: dict[str, str] = {}
     if layers is None:
-        chosen = {name for name, m in modules.items() if isinstance(m, GATED_TYPES)}
+        types = _default_types()
+        chosen = {name for name, m in modules.items() if isinstance(m, types)}
         require(bool(chosen), "model", type(model).__name__,
-                "has no nn.Linear or nn.Conv1d/2d/3d to gate; name the modules in `layers`")
+                "has no nn.Linear, nn.Conv1d/2d/3d or Hugging Face Conv1D to gate; name the "
+                "modules in `layers`")
+        for name, m in modules.items():
+            weight = m._parameters.get("weight")
+            if name in chosen or not isinstance(weight, Tensor) or weight.dim() < 2:
+                continue
+            skipped[name] = (
+                f"{type(m).__name__} is not a default type; name it in `layers` to gate it"
+                if _pathways(m) is not None else
+                f"{type(m).__name__} has no out_features, out_channels or nf")
     else:
         if isinstance(layers, (str, type)):
             layers = [layers]
@@ -353,10 +482,10 @@ def _select_layers(
     for name, module in modules.items():
         if name not in chosen:
             continue
-        pathways = getattr(module, "out_channels", getattr(module, "out_features", None))
-        require(isinstance(pathways, int) and pathways > 0, "layers", name,
-                f"a gated module needs out_features or out_channels; {type(module).__name__} "
-                "has neither")
+        pathways = _pathways(module)
+        require(pathways is not None and pathways > 0, "layers", name,
+                f"a gated module needs out_features, out_channels or nf (Hugging Face Conv1D); "
+                f"{type(module).__name__} has none")
         require(not any(isinstance(hook, _Gate) for hook in module._forward_hooks.values()),
                 "layers", name, "is already gated by another VWPR; call .remove() on it first")
         key = _GildingWeights.key(name)
@@ -364,7 +493,34 @@ def _select_layers(
                 f"its buffer name {key!r} collides with that of layer {keys.get(key)!r}")
         keys[key] = name
         selected.append((name, module, pathways))
-    return selected
+    return selected, skipped
+
+
+_SIGNATURE_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _signature_class(base: type, model_class: type) -> type:
+    """``base`` with a ``forward`` whose signature is ``model_class.forward``'s, made once per
+    pair. Frameworks read the signature from the *class* (the Hugging Face Trainer keeps only
+    the batch columns that ``forward`` names and finds label names with
+    ``inspect.signature(type(model).forward)``), so an instance attribute would not do."""
+    key = (base, model_class)
+    if key not in _SIGNATURE_CLASSES:
+        @functools.wraps(model_class.forward)
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return self.model(*args, **kwargs)
+
+        # The wrapped model's class name stays in the name: the Trainer looks for
+        # "QuestionAnswering" there to know its label names.
+        _SIGNATURE_CLASSES[key] = type(f"{base.__name__}[{model_class.__name__}]", (base,), {
+            "forward": forward, "__module__": base.__module__, "_vwpr_base": base,
+            "_vwpr_model_class": model_class})
+    return _SIGNATURE_CLASSES[key]
+
+
+def _new_vwpr(base: type, model_class: type) -> VWPR:
+    """Unpickling: a bare instance of the signature class, before ``__setstate__``."""
+    return object.__new__(_signature_class(base, model_class))
 
 
 EnhancedVWPRWrapper = VWPR

@@ -172,3 +172,30 @@ def test_sigils_of_a_sculptor_a_gilded_loss_and_a_dict(tmp_path):
         sigils.plot_phi_distribution(KintsugiOptimizer(model.parameters()))
     with pytest.raises(ValueError, match=r"Invalid source: .*no records"):
         sigils.plot_phi_evolution(PhiHistory())
+
+
+def test_sigils_of_nan_inf_and_empty_phi_count_them_instead_of_crashing(tmp_path):
+    pytest.importorskip("matplotlib")
+    nan, inf = float("nan"), float("inf")
+    source = {"diverged": torch.tensor([1.0, nan, 2.0, inf, -inf] * 8),
+              "few": torch.tensor([0.5, nan, 1.5]),
+              "all nan": torch.full((30,), nan),
+              "empty": torch.empty(0),
+              "fine": torch.tensor([0.5, 1.5] * 10)}
+    figure = sigils.plot_phi_distribution(source, path=tmp_path / "broken.png")
+    assert _is_png(tmp_path / "broken.png")
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[0].startswith("diverged — 40 pathways, 8 NaN, 16 inf\nmean 1.5 · ")
+    assert titles[0].endswith("min 1 · max 2")  # statistics of the finite values only
+    assert titles[1].startswith("few — 3 pathways, 1 NaN\nmean 1 · ")
+    assert titles[2] == "all nan — 30 pathways, 30 NaN"
+    assert titles[3] == "empty — 0 pathways"
+    assert titles[4].startswith("fine — 20 pathways\nmean 1 · ")
+    # A Sculptor over a parameter with no elements has an empty ϕ: it gets its panel too.
+    empty, weight = nn.Parameter(torch.empty(0, 3)), nn.Parameter(torch.ones(4))
+    sculptor = KintsugiOptimizer([empty, weight], beta=0.1)
+    empty.grad, weight.grad = torch.empty(0, 3), torch.rand(4)
+    sculptor.step()
+    figure = sigils.plot_phi_distribution(sculptor)
+    assert [ax.get_title().split("\n")[0] for ax in figure.axes] == ["0 — 0 pathways",
+                                                                        "1 — 4 pathways"]

@@ -387,7 +387,7 @@ def test_property_gate_scales_by_phi_and_reports_mean_abs_gradient(kind, lead, s
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(layers=["nope"]), r"Invalid layers: 'nope'"),
-    (dict(layers=[nn.ReLU]), r"Invalid layers: '1'.*out_features or out_channels"),
+    (dict(layers=[nn.ReLU]), r"Invalid layers: '1'.*out_features, out_channels or nf"),
     (dict(layers=[3]), r"Invalid layers: 3"),
     (dict(layers=[nn.GRU]), r"Invalid layers: .*matched no module"),
     (dict(phi_init=0.0), r"Invalid phi_init: 0.0"),
@@ -426,3 +426,137 @@ def test_bad_models_and_optimizers_raise_naming_them():
     x, y = batch(model)
     with pytest.raises(ValueError, match=r"Invalid optimizer_phi: 'SGD'"):
         vwpr.apply_vwpr_step(F.cross_entropy(vwpr(x), y), opt_phi, opt_theta)
+
+
+class HFConv1D(nn.Module):
+    """Hugging Face's Conv1D (GPT-2's projections) as transformers defines it: a Linear whose
+    weight is stored transposed, [nx, nf], with ``nf`` output features and no out_features."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_a_conv1d_with_nf_is_gated_on_its_last_dim_like_a_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(HFConv1D(8, 6), nn.Tanh(), nn.Linear(8, 3))
+    bare = copy.deepcopy(model)
+    vwpr = VWPR(model, layers=["0", "2"])
+    assert vwpr.gated_layers() == {"0": 8, "2": 3}
+    phis = random_phis(vwpr)
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5, 4))  # a sequence: [B, T, features]
+    F.cross_entropy(vwpr(x).flatten(0, 1), y.flatten()).backward()
+    # Plain torch: the gate's value is a, its gradient ϕ_b times the arriving one.
+    arriving = {}
+    h = reference_gate(bare[0](x), phis["0"], 2)
+    h.register_hook(lambda g: arriving.__setitem__("0", g))
+    h = reference_gate(bare[2](bare[1](h)), phis["2"], 2)
+    h.register_hook(lambda g: arriving.__setitem__("2", g))
+    F.cross_entropy(h.flatten(0, 1), y.flatten()).backward()
+    for p, q in zip(model.parameters(), bare.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for name, phi in vwpr.phi().items():
+        torch.testing.assert_close(phi.grad, arriving[name].abs().mean([0, 1]))
+
+
+def test_default_choice_reports_the_weight_bearing_modules_it_skips(caplog):
+    class Odd(nn.Module):  # a weight matrix but no out_features/out_channels/nf
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    model = nn.Sequential(nn.Embedding(10, 4), Odd(), nn.ConvTranspose1d(4, 4, 1), nn.Linear(4, 2),
+                          nn.LayerNorm(2))
+    with caplog.at_level("INFO", logger="kintsugi_optim.vwpr"):
+        vwpr = VWPR(model)
+    assert vwpr.gated_layers() == {"3": 2}
+    assert vwpr.skipped_layers() == {
+        "0": "Embedding has no out_features, out_channels or nf",
+        "1": "Odd has no out_features, out_channels or nf",
+        "2": "ConvTranspose1d is not a default type; name it in `layers` to gate it",
+    }  # LayerNorm's weight is a vector, not a pathway matrix: not listed
+    assert "skips 3 weight-bearing modules" in caplog.text and "0 (Embedding" in caplog.text
+    assert VWPR(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), layers=["1"]).skipped_layers() == {}
+
+
+class Classifier(nn.Module):
+    """A model with a Hugging Face-like forward and attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.config = {"hidden": 4}
+
+    def forward(self, input_ids, attention_mask=None, labels=None, return_loss=True):
+        return self.fc(input_ids)
+
+    def can_generate(self):
+        return False
+
+
+def test_the_wrapper_has_the_models_forward_signature_on_its_class():
+    import inspect
+
+    vwpr = VWPR(Classifier())
+    # Frameworks read it from the class (the HF Trainer: inspect.signature(type(model).forward)).
+    for forward in (vwpr.forward, type(vwpr).forward):
+        names = [n for n in inspect.signature(forward).parameters if n != "self"]
+        assert names == ["input_ids", "attention_mask", "labels", "return_loss"]
+    assert isinstance(vwpr, VWPR) and type(VWPR(Classifier())) is type(vwpr)
+    assert repr(vwpr).startswith("VWPR(")
+    # Public attributes the wrapper lacks come from the model; its own and private ones do not.
+    assert vwpr.config == {"hidden": 4} and vwpr.can_generate() is False
+    assert vwpr.layers == ["fc"]
+    with pytest.raises(AttributeError):
+        vwpr._private_thing
+    with pytest.raises(AttributeError):
+        vwpr.no_such_attribute
+    x = torch.randn(2, 4)
+    assert torch.equal(vwpr(x, labels=None), vwpr.model(x))
+    restored = pickle_round_trip(vwpr)
+    assert type(restored) is type(vwpr) and restored.config == {"hidden": 4}
+
+
+def pickle_round_trip(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_a_model_built_on_the_meta_device_materialises_with_to_empty_and_reset_parameters():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    vwpr = VWPR(model, phi_init=2.0)
+    assert all(phi.is_meta for phi in vwpr.phi_parameters())
+    vwpr.to_empty(device="cpu")  # raised on ϕ, with the model's parameters already moved
+    for module in vwpr.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    for phi in vwpr.phi_parameters():
+        assert phi.device.type == "cpu" and phi.is_leaf and phi.requires_grad
+        assert torch.equal(phi, torch.full_like(phi, 2.0))
+    opt_phi = GilderOptimizer(vwpr.phi_parameters(), beta=0.1, fracture="relative")
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    l_map, _ = vwpr.apply_vwpr_step(F.cross_entropy(vwpr(x), y),
+                                    torch.optim.SGD(vwpr.theta_parameters(), lr=0.1), opt_phi)
+    assert set(l_map) == {"0", "2"} and all(torch.isfinite(v).all() for v in l_map.values())
+    with torch.no_grad():
+        next(vwpr.phi_parameters()).mul_(3)
+    vwpr.reset_parameters()
+    assert all(torch.equal(phi, torch.full_like(phi, 2.0)) and phi.grad is None
+               for phi in vwpr.phi_parameters())
+
+
+def test_save_pretrained_needs_a_model_that_has_it():
+    with pytest.raises(ValueError, match=r"Invalid model: 'Sequential'.*no save_pretrained"):
+        VWPR(mlp()).save_pretrained("unused")

@@ -1,0 +1,106 @@
+"""Kintsugi in the Hugging Face ``Trainer``.
+
+The Trainer steps one optimizer. Give it the Sculptor (or any θ optimizer) as usual, through
+``optimizers=(optimizer, scheduler)`` or ``optimizer_cls_and_kwargs``; a Gilder (ϕ of a VWPR or a
+GildedLoss) is stepped by :class:`GilderCallback` right after each θ step, so gradient
+accumulation, clipping and ``max_steps`` behave as with the θ optimizer alone.
+:class:`VWPRTrainer` is the Trainer with saving and loading made right for a VWPR model. Needs
+``transformers``. Recipes and pitfalls: docs/frameworks.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from kintsugi_optim._validation import require
+from kintsugi_optim.vwpr import VWPR
+
+__all__ = ["GilderCallback", "VWPRTrainer", "VWPRTrainerMixin"]
+
+GILDING_WEIGHTS_NAME = "gilding_weights.pt"
+
+
+class GilderCallback(TrainerCallback):
+    """Step one or more Gilders once per optimizer step of the ``Trainer``; clear their ϕ.grad.
+
+    Args:
+        *gilders (torch.optim.Optimizer): the ``GilderOptimizer``s over the ϕ to ascend (a
+            VWPR's ``phi_parameters()``, a GildedLoss's ``[phi]``), stepped in this order. One
+            callback for all of them: the Trainer warns about two callbacks of one class.
+
+    The fracture in ϕ.grad accumulates over the micro-batches of one optimizer step (like θ's
+    gradient), and the Gilder steps after the Trainer's θ step (``on_optimizer_step``). The Trainer
+    clears ϕ.grad only for a VWPR that is the model itself (``model.zero_grad()``); this
+    callback clears every ϕ.grad of its Gilder after the step, and at the start of training.
+    With fp16 and a gradient scaler (CUDA), the Trainer unscales only θ's gradients: use
+    ``fracture="relative"`` on the Gilder (scale-free) or keep to bf16.
+    """
+
+    def __init__(self, *gilders: torch.optim.Optimizer) -> None:
+        require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
+        for gilder in gilders:
+            require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
+                    "must be a torch.optim.Optimizer (a GilderOptimizer)")
+        self.gilders = list(gilders)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for gilder in self.gilders:
+            gilder.zero_grad()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for gilder in self.gilders:
+            gilder.step()
+            gilder.zero_grad()
+
+
+class VWPRTrainerMixin:
+    """Saving and loading a VWPR model the way the ``Trainer`` does a ``PreTrainedModel``.
+
+    The plain Trainer saves any model that is not a ``PreTrainedModel`` as a bare state dict
+    with no config: ``from_pretrained`` on that folder builds a default-config model and loads
+    none of the weights. With this mixin, ``save_model`` and every checkpoint hold the wrapped
+    model as ``save_pretrained`` writes it (config and weights) and ϕ in ``gilding_weights.pt``;
+    ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` restore both (a
+    checkpoint without ``gilding_weights.pt`` is an error, not a silent ϕ = 1). Other models
+    are saved and loaded exactly as by the Trainer. Mix it in before the Trainer class:
+    ``class MyTrainer(VWPRTrainerMixin, SFTTrainer)``. Not for DeepSpeed, FSDP or SageMaker
+    model parallelism, which have their own save paths.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        vwpr = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not (isinstance(vwpr, VWPR) and callable(getattr(vwpr.model, "save_pretrained", None))):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        vwpr.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = self.model if model is None else model
+        if not isinstance(target, VWPR):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, GILDING_WEIGHTS_NAME)
+        require(os.path.isfile(path), "resume_from_checkpoint", resume_from_checkpoint,
+                f"has no {GILDING_WEIGHTS_NAME}: it was not saved by a VWPRTrainer, so ϕ cannot "
+                "be restored")  # checked before anything is loaded
+        phis = torch.load(path, map_location="cpu", weights_only=True)
+        super()._load_from_checkpoint(resume_from_checkpoint, model=target.model)
+        target.gilding_weights.load_state_dict(phis)
+
+    def _load_best_model(self) -> None:
+        if isinstance(self.model, VWPR):
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
+
+
+class VWPRTrainer(VWPRTrainerMixin, Trainer):
+    """``transformers.Trainer`` that saves a VWPR model as ``from_pretrained`` reads it, with ϕ
+    beside it, and restores both on resume (see :class:`VWPRTrainerMixin`)."""
