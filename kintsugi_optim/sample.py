@@ -138,11 +138,14 @@ class SampleGildedLoss(nn.Module):
     def forward(self, losses: Tensor, indices: Tensor) -> Tensor:
         """Weighted loss of a batch: ``losses`` [B] floating and finite, ``indices`` [B] int64."""
         self._check(losses, indices)
-        if self.training and torch.is_grad_enabled():
+        if self.training and not self.fired and torch.is_grad_enabled():
             self._pending.append((indices.detach(), losses.detach().float()))
         if self.firing:
             return losses.mean()
-        phi = self.phi[indices].to(torch.promote_types(losses.dtype, self.phi.dtype))
+        phi = self.phi[indices]
+        if phi.dtype != losses.dtype:  # 16-bit losses: weigh and sum in float32
+            phi, losses = phi.to(torch.promote_types(losses.dtype, phi.dtype)), losses.to(
+                torch.promote_types(losses.dtype, phi.dtype))
         if self.reduction == "batch":
             return (phi * losses).sum() / phi.sum()
         if self.fired:  # refire() normalised ϕ to mean 1
@@ -182,14 +185,18 @@ class SampleGildedLoss(nn.Module):
             _invalid("indices", indices, "expected an int64 or int32 tensor of example indices")
         if indices.shape != losses.shape:
             _invalid("indices", indices, f"must have the shape of losses, {tuple(losses.shape)}")
+        if indices.numel() == 0:
+            return
         # One host sync per batch for both checks: the price of a clear error before ϕ changes.
-        bad_index = (indices < 0) | (indices >= self.num_samples)
-        nonfinite = ~losses.detach().isfinite()
-        if bool(bad_index.any() | nonfinite.any()):
-            if bad_index.any():
-                bad = indices[bad_index].unique()[:8].tolist()
-                require(False, "indices", bad, f"example indices must lie in [0, {self.num_samples})")
-            bad = losses.detach()[nonfinite][:8].tolist()
+        low, high = torch.aminmax(indices)
+        finite = losses.detach().isfinite().all()
+        low, high, finite = torch.stack([low, high, finite.to(low.dtype)]).tolist()
+        if low < 0 or high >= self.num_samples:
+            bad_index = (indices < 0) | (indices >= self.num_samples)
+            bad = indices[bad_index].unique()[:8].tolist()
+            require(False, "indices", bad, f"example indices must lie in [0, {self.num_samples})")
+        if not finite:
+            bad = losses.detach()[~losses.detach().isfinite()][:8].tolist()
             require(False, "losses", bad, "must be finite: a non-finite loss would corrupt ϕ")
 
     def gilding(self) -> dict[str, Tensor]:
@@ -238,6 +245,9 @@ class SampleGilder(GilderOptimizer):
             with torch.enable_grad():
                 loss = closure()
         crit = self.criterion
+        if crit.fired:  # ϕ is frozen; the criterion records nothing any more
+            crit._pending.clear()
+            return loss
         pending, crit._pending = crit._pending, []
         group = self.exchange_group
         if group is None and dist.is_available() and dist.is_initialized():
@@ -245,11 +255,12 @@ class SampleGilder(GilderOptimizer):
         if group is not None and dist.get_world_size(group) > 1:
             indices, losses = _gather(pending, crit.phi.device, group)
         elif pending:
-            indices = torch.cat([i for i, _ in pending]).to(crit.phi.device, torch.int64)
-            losses = torch.cat([l for _, l in pending]).to(crit.phi.device)
+            indices, losses = (pending[0] if len(pending) == 1 else
+                               [torch.cat(parts) for parts in zip(*pending)])
+            indices, losses = indices.to(crit.phi.device, torch.int64), losses.to(crit.phi.device)
         else:
             return loss
-        if indices.numel() == 0 or crit.fired:
+        if indices.numel() == 0:
             return loss
         visits_before = crit.visits
         crit.visits += indices.numel()
@@ -259,7 +270,7 @@ class SampleGilder(GilderOptimizer):
             if crit.accumulate == "mean":
                 phi.index_add_(0, indices, l)
             else:
-                phi[indices] = 1 + l  # the last visit wins, in rank order
+                phi.index_put_((indices,), l.add_(1))  # the last visit wins, in rank order
             return loss
         options = self.param_groups[0]
         if visits_before < crit.warmup * crit.num_samples:
@@ -277,9 +288,9 @@ class SampleGilder(GilderOptimizer):
 
 
 def _fracture(losses: Tensor, kind: str) -> Tensor:
-    losses = losses.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a fracture never corrupts ϕ
-    if kind == "error":
+    if kind == "error":  # NaN > ln 2 is False: no fracture
         return (losses > LN2).to(losses.dtype)
+    losses = losses.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # a fracture never corrupts ϕ
     if kind == "relative":
         return losses / losses.mean().clamp_min(torch.finfo(losses.dtype).tiny)
     return losses
