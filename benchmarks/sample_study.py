@@ -139,7 +139,6 @@ def evaluate(pred: torch.Tensor, task) -> list[dict]:
             m["majority"] = correct[y == 0].mean().item()
         else:
             m["target"] = m["worst_group"]
-            typical = (g % 2 == 1) if task.name == "spurious" and False else None
             if task.name == "spurious":  # groups 2y+a: the cue agrees when a == y
                 agree = (g == 0) | (g == 3)
             else:  # hidden: 2y + atypical
@@ -175,9 +174,7 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
         logits = models(x[idxs])
         losses = F.cross_entropy(logits.reshape(-1, C), y[idxs].reshape(-1),
                                  reduction="none").view(K, BATCH)
-        total = 0.0
-        with torch.no_grad():
-            detached = losses.detach()
+        detached = losses.detach()
         terms = []
         for k, cfg in enumerate(configs):
             l, i, st = losses[k], idxs[k], cfg.state
@@ -257,7 +254,7 @@ def baselines() -> list[Config]:
             Config("weighted CE [labels]", "wce"), Config("Group DRO [labels]", "gdro")]
 
 
-def one_pass_grid(full: bool) -> list[Config]:
+def one_pass_grid() -> list[Config]:
     out = []
     for frac in ("loss", "relative", "error"):
         for ascent, betas in (("additive", (0.3, 1.0, 3.0)), ("multiplicative", (0.1, 0.3))):
@@ -348,14 +345,14 @@ FINALISTS = ";".join([  # from the screening round (docs/sample-gilding.md)
 ])
 
 
-def timing(repeats: int = 15, steps: int = 50) -> str:
-    """Median time of one training step (the demo's MLP, batch 256, Adam, 1 thread): plain
+def timing(repeats: int = 11, steps: int = 40) -> str:
+    """Median time of one training step (the demo's MLP and a wider one, batch 256, Adam, 1 thread): plain
     ERM against the same step through sample_gilding's criterion and Gilder, in the firing run,
     after refire() and in one-pass mode; interleaved, so machine load hits all alike."""
     from kintsugi_optim import sample_gilding
 
-    lines = ["| N | step | median ms | × ERM |", "|---|---|---|---|"]
-    for N in (8_000, 1_000_000):
+    lines = ["| N | MLP width | step | median ms | × ERM |", "|---|---|---|---|---|"]
+    for N, width in ((8_000, 64), (1_000_000, 64), (8_000, 1024)):
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(N, 16, generator=g), torch.randint(0, 2, (N,), generator=g)
         variants = {"ERM": None, "firing run": {}, "after refire()": {},
@@ -363,7 +360,9 @@ def timing(repeats: int = 15, steps: int = 50) -> str:
         setups = {}
         for name, options in variants.items():
             torch.manual_seed(0)
-            model = make_model(16, 2)
+            model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, 2))
             opt = torch.optim.Adam(model.parameters(), lr=LR)
             pair = sample_gilding(N, **options) if options is not None else None
             if name == "after refire()":
@@ -388,7 +387,7 @@ def timing(repeats: int = 15, steps: int = 50) -> str:
                 times[name].append((time.perf_counter() - t0) / steps * 1e3)
         erm = statistics.median(times["ERM"])
         for name, ts in times.items():
-            lines.append(f"| {N:,} | {name} | {statistics.median(ts):.3f} | "
+            lines.append(f"| {N:,} | {width} | {name} | {statistics.median(ts):.3f} | "
                          f"{statistics.median(ts) / erm:.2f} |")
     return "\n".join(lines)
 
@@ -400,14 +399,14 @@ def main():
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tasks", default="rare,spurious,hidden")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
-    ap.add_argument("--only", default=FINALISTS, help="comma-separated config names (confirm)")
+    ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
         return
     tasks = args.tasks.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
-    one = baselines() + one_pass_grid(True)
+    one = baselines() + one_pass_grid()
     two = refire_grid(fractions)
     if args.mode == "confirm" and args.only:
         keep = set(args.only.split(";")) | {c.name for c in baselines()}

@@ -373,7 +373,8 @@ class IndexedDataset(Dataset):
 
     def __init__(self, dataset: Dataset) -> None:
         require(hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"), "dataset",
-                type(dataset).__name__, "must be a map-style Dataset (with __getitem__ and __len__)")
+                type(dataset).__name__,
+                "must be a map-style Dataset (with __getitem__ and __len__)")
         self.dataset = dataset
 
     def __len__(self) -> int:
