@@ -398,9 +398,12 @@ def main():
     ap.add_argument("--fractions", default="0.1,0.25,0.5", help="firing fractions (screen)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tasks", default="rare,spurious,hidden")
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps of the main run (T)")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
     ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
+    global STEPS
+    STEPS = args.steps
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
         return
@@ -415,7 +418,7 @@ def main():
         fractions = sorted({c.firing for c in two}) or fractions
     t0 = time.perf_counter()
     results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
-    print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
+    print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
           f"torch {torch.__version__}, 1 thread\n")
     print(table(results, tasks))
 

@@ -143,7 +143,7 @@ class SampleGildedLoss(nn.Module):
         if self.firing:
             return losses.mean()
         phi = self.phi[indices]
-        if phi.dtype != losses.dtype:  # 16-bit losses: weigh and sum in float32
+        if phi.dtype != losses.dtype:  # weigh and sum in the wider dtype (float32 for 16-bit)
             phi, losses = phi.to(torch.promote_types(losses.dtype, phi.dtype)), losses.to(
                 torch.promote_types(losses.dtype, phi.dtype))
         if self.reduction == "batch":
@@ -154,7 +154,8 @@ class SampleGildedLoss(nn.Module):
         return (phi * losses).mean() / self.phi.mean(dtype=torch.float64).to(phi.dtype)
 
     def refire(self) -> None:
-        """End the firing run: ϕ ← 1 + λ·(mean crack per visit), normalised to mean 1, frozen.
+        """End the firing run: ϕ ← 1 + λ·e (e: each example's recorded cracks), normalised to
+        mean 1, frozen.
 
         Afterwards the Gilder leaves ϕ unchanged; re-initialise the model and its optimizer and
         train again with this criterion. Raises ``RuntimeError`` for a one-pass criterion or
