@@ -255,3 +255,20 @@ def test_protocol_lifts_a_rare_class_without_labels():
     train(criterion, gilder, int(criterion.firing_fraction * 80))
     criterion.refire()
     assert train(criterion, gilder) > train() + 0.2
+
+
+def test_int32_indices_and_bfloat16_losses_weigh_like_int64_and_float32():
+    criterion, gilder = sample_gilding(5, upweight=3.0)
+    feed(criterion, gilder, np.array([2.0, 0.1, 2.0], np.float32), np.array([0, 1, 4]))
+    criterion.refire()
+    losses, idx = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0, 1, 4])
+    expected = criterion(losses, idx)
+    torch.testing.assert_close(criterion(losses, idx.int()), expected)
+    half = criterion(losses.bfloat16(), idx)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected)
+
+
+def test_with_indices_rejects_an_iterable_dataset():
+    with pytest.raises(ValueError, match=r"Invalid dataset: 'generator'"):
+        with_indices(x for x in range(3))
