@@ -393,6 +393,7 @@ def timing(repeats: int = 11, steps: int = 40) -> str:
 
 
 def main():
+    global STEPS
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["screen", "confirm", "timing"])
     ap.add_argument("--fractions", default="0.1,0.25,0.5", help="firing fractions (screen)")
@@ -402,7 +403,6 @@ def main():
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
     ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
-    global STEPS
     STEPS = args.steps
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
