@@ -1,4 +1,5 @@
-r"""GildedLoss: Kintsugi at the loss level, and Group DRO as one of its settings (SPEC §2.5).
+r"""GildedLoss: Kintsugi at the loss level, and Group DRO as one of its settings
+(docs/maths.md §2.5).
 
 Each group of samples (a class, a subpopulation, or a single sample) is a pathway with a
 gilding weight ϕ_g. The loss weighs each group's mean loss l̄_g by ϕ_g; its gradient with respect

@@ -1,5 +1,5 @@
-"""GildedLoss and Group DRO as its setting (SPEC §2.5). The expected values are written out in
-numpy, independently of the library."""
+"""GildedLoss and Group DRO as its setting (docs/maths.md §2.5). The expected values are written
+out in numpy, independently of the library."""
 
 import numpy as np
 import pytest
