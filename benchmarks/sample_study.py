@@ -81,7 +81,7 @@ class Config:
     phi_max: float | None = None
     weighting: str = "dataset"  # dataset: (1/B)Σϕℓ with mean ϕ = 1; batch: Σϕℓ/Σϕ
     firing: float = 0.0
-    accumulate: str = "mean"  # refire: mean over visits, last visit, or ema (half-life one visit)
+    accumulate: str = "mean"  # refire: mean over visits (mean1: after the first epoch), last, ema
     upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
     state: dict = field(default_factory=dict)
 
@@ -112,7 +112,9 @@ def batch_weights(cfg: Config, phi: torch.Tensor, idx: torch.Tensor, N: int) -> 
 
 
 def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> torch.Tensor:
-    e = crack / max(visits / N, 1e-12) if cfg.accumulate == "mean" else crack
+    if cfg.accumulate == "mean1":
+        visits = max(visits - N, 0)
+    e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
     if cfg.upweight == "balanced":
         lam = N / max(float(e.sum()), 1e-12)
     else:
@@ -231,7 +233,10 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config]):
         with torch.no_grad():
             for (frac, acc), crack in cracks.items():
                 f = fracture_of(losses.detach(), frac)
-                if acc == "mean":
+                if acc == "mean1":  # the mean after the first epoch
+                    if visits >= N:
+                        crack.index_add_(0, idx, f)
+                elif acc == "mean":
                     crack.index_add_(0, idx, f)
                 elif acc == "ema":  # half-life of one visit
                     crack[idx] = 0.5 * crack[idx] + 0.5 * f
@@ -277,7 +282,7 @@ def refire_grid(fractions) -> list[Config]:
         for lam in (6, 20, 50, "balanced"):
             out.append(Config(f"JTT f={f} λ={lam}", "jtt", firing=f, upweight=lam))
         for frac in ("error", "relative", "loss"):
-            for acc in ("mean", "last", "ema") if frac == "error" else ("mean", "last"):
+            for acc in ("mean", "last", "ema", "mean1") if frac == "error" else ("mean", "last"):
                 for lam in ("balanced", 6, 20):
                     out.append(Config(f"re-fire f={f} {frac} {acc} λ={lam}", "refire", fracture=frac,
                                       accumulate=acc, firing=f, upweight=lam))
