@@ -8,13 +8,13 @@ data set (:func:`with_indices` makes any map-style ``Dataset`` yield it).
 
 Two ways to use the memory, both here:
 
-* **re-fire** (two passes, the default): a firing run of plain training, half as long as the
-  main run, records whether the model got each example wrong when it last saw it;
+* **re-fire** (two passes, the default): a firing run of plain training, a quarter as long as
+  the main run, records how often the model gets each example wrong after its first epoch;
   :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training then starts
   again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's terms, with the
   errors read on the fly from the firing run's own forward passes (no extra pass over the data)
-  and the up-weight chosen so the cracked examples weigh as much as the rest ("balanced")
-  instead of tuned per data set.
+  and averaged over visits, and the up-weight chosen so the cracked examples weigh as much as
+  the rest ("balanced") instead of tuned per data set.
 * **one pass** (``firing_fraction=None``): ϕ keeps rising during the one run, additively or
   multiplicatively, with damping, a cap and a warm-up.
 """
@@ -22,6 +22,7 @@ Two ways to use the memory, both here:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -70,15 +71,17 @@ class SampleGildedLoss(nn.Module):
     "not confidently right" in more), ``"relative"`` (loss / the batch's mean loss) or
     ``"loss"``.
 
-    **Re-fire** (``firing_fraction`` f in (0, 1), default 0.5): during the firing run the loss
-    is the plain mean and ϕ_i − 1 keeps the last visit's l_i (``accumulate="last"``, default) or
-    the sum over visits (``"mean"``, read as the mean per visit). :meth:`refire` turns the record
-    e_i into ϕ_i = 1 + λ·e_i with λ = N / Σe ("balanced", default: the cracked examples together
-    weigh as much as all examples at weight 1; λ capped at 1000) or a given λ, normalised to
-    mean 1, and freezes it. Then train a fresh model for the full run with this criterion.
+    **Re-fire** (``firing_fraction`` f in (0, 1), default 0.25): during the firing run the loss
+    is the plain mean and ϕ_i − 1 sums l_i over the visits after the first ``warmup`` epochs
+    (``accumulate="mean"``, default; read as the mean per visit: the first epoch, when nearly
+    every example is wrong, is left out) or keeps the last visit's l_i (``"last"``).
+    :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = N / Σe ("balanced",
+    default: the cracked examples together weigh as much as all examples at weight 1; λ capped
+    at 1000) or a given λ, normalised to mean 1, and freezes it. Then train a fresh model for the
+    full run with this criterion.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
-    epochs' worth of examples): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or ϕ·exp(u)
+    epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or ϕ·exp(u)
     ("multiplicative"), clamped to [1e-3, phi_max].
 
     Use :func:`sample_gilding` to build it with its Gilder.
@@ -89,9 +92,9 @@ class SampleGildedLoss(nn.Module):
         num_samples: int,
         *,
         fracture: str = "error",
-        firing_fraction: float | None = 0.5,
+        firing_fraction: float | None = 0.25,
         upweight: float | str = "balanced",
-        accumulate: str = "last",
+        accumulate: str = "mean",
         reduction: str = "dataset",
         warmup: float = 1.0,
     ) -> None:
@@ -118,6 +121,7 @@ class SampleGildedLoss(nn.Module):
         self.register_buffer("phi", torch.ones(num_samples))
         # Host-side, saved through get_extra_state: reading them never syncs with the device.
         self.visits = 0  # examples seen by the Gilder, all ranks together
+        self.recorded = 0  # of which recorded into ϕ (after the warm-up)
         self.fired = False  # refire() has frozen ϕ
         self._pending: list[tuple[Tensor, Tensor]] = []
 
@@ -127,12 +131,13 @@ class SampleGildedLoss(nn.Module):
         return self.firing_fraction is not None and not self.fired
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"visits": self.visits, "fired": self.fired}
+        return {"visits": self.visits, "recorded": self.recorded, "fired": self.fired}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         require(isinstance(state, dict) and {"visits", "fired"} <= set(state), "state_dict",
                 state, "the '_extra_state' entry must hold 'visits' and 'fired'")
         self.visits, self.fired = int(state["visits"]), bool(state["fired"])
+        self.recorded = int(state.get("recorded", self.visits))
         self._pending.clear()
 
     def forward(self, losses: Tensor, indices: Tensor) -> Tensor:
@@ -165,10 +170,14 @@ class SampleGildedLoss(nn.Module):
         if self.fired:
             raise RuntimeError("refire() was already called: ϕ is frozen")
         self._pending.clear()
+        if self.accumulate == "mean" and self.recorded == 0:
+            warnings.warn(f"refire(): nothing was recorded: the firing run saw {self.visits} "
+                          f"examples, fewer than warmup={self.warmup} epochs of "
+                          f"{self.num_samples}; ϕ stays 1 (lengthen the firing run)")
         with torch.no_grad():
             crack = self.phi.double().clamp(max=torch.finfo(self.phi.dtype).max) - 1
             if self.accumulate == "mean":  # sum over visits → mean per visit
-                crack /= max(self.visits, 1) / self.num_samples
+                crack /= max(self.recorded, 1) / self.num_samples
             total = float(crack.sum())
             if self.upweight == "balanced":
                 lam = self.num_samples / total if total > 0 else 0.0
@@ -267,14 +276,19 @@ class SampleGilder(GilderOptimizer):
         crit.visits += indices.numel()
         l = _fracture(losses, crit.fracture)
         phi = crit.phi
+        warm = visits_before >= crit.warmup * crit.num_samples
         if crit.firing:
             if crit.accumulate == "mean":
-                phi.index_add_(0, indices, l)
+                if warm:
+                    phi.index_add_(0, indices, l)
+                    crit.recorded += indices.numel()
+                    if crit.fracture != "error":  # an unbounded sum may overflow: cap it
+                        phi.index_put_((indices,), phi[indices].clamp_(max=torch.finfo(phi.dtype).max))
             else:
                 phi.index_put_((indices,), l.add_(1))  # the last visit wins, in rank order
             return loss
         options = self.param_groups[0]
-        if visits_before < crit.warmup * crit.num_samples:
+        if not warm:
             return loss
         unique, inverse = torch.unique(indices, return_inverse=True)
         old = phi[unique]
@@ -322,9 +336,9 @@ def sample_gilding(
     num_samples: int,
     *,
     fracture: str = "error",
-    firing_fraction: float | None = 0.5,
+    firing_fraction: float | None = 0.25,
     upweight: float | str = "balanced",
-    accumulate: str = "last",
+    accumulate: str = "mean",
     reduction: str = "dataset",
     warmup: float = 1.0,
     beta: float = 1.0,
@@ -336,8 +350,8 @@ def sample_gilding(
     r"""Label-free sample-level gilding: ``(criterion, gilder)`` for a data set of ``num_samples``.
 
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
-    re-fire with a firing run of half the training steps, the error fracture of each example's
-    last visit, and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop
+    re-fire with a firing run of a quarter of the training steps, each example's error rate over
+    its visits after the first epoch, and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop
     which protocol to follow::
 
         criterion, gilder = sample_gilding(len(train_set))
@@ -355,9 +369,9 @@ def sample_gilding(
             criterion.refire()                          # ϕ frozen from here on
         model = train(T)
 
-    One-pass options (``firing_fraction=None``): ``beta``, ``ascent`` ("additive" or
-    "multiplicative"), ``gamma`` (damping), ``phi_max`` (cap, default 1000), ``warmup`` (epochs
-    before gilding starts). See :class:`SampleGildedLoss` and :class:`SampleGilder`.
+    ``warmup`` (default 1): epochs of examples before anything is recorded. One-pass options
+    (``firing_fraction=None``): ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma``
+    (damping), ``phi_max`` (cap, default 1000). See :class:`SampleGildedLoss` and :class:`SampleGilder`.
     """
     require_choice("ascent", ascent, ASCENTS)
     criterion = SampleGildedLoss(num_samples, fracture=fracture, firing_fraction=firing_fraction,

@@ -58,19 +58,20 @@ def test_returns_the_pair_and_phi_is_4_bytes_per_example_outside_any_parameters(
 def test_firing_run_is_plain_training_and_refire_follows_the_formula(kind, accumulate):
     N = 12
     criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate)
-    assert criterion.firing_fraction == 0.5 and criterion.firing
-    crack, visits = np.zeros(N), 0
+    assert criterion.firing_fraction == 0.25 and criterion.firing
+    crack, visits, recorded = np.zeros(N), 0, 0
     for losses, idx in batches(N, 7):
         value, grad = feed(criterion, gilder, losses, idx)
         np.testing.assert_allclose(value, losses.mean(), rtol=1e-6)  # ERM during firing
         f = fracture(losses, kind)
-        if accumulate == "mean":
-            np.add.at(crack, idx, f)
-        else:
+        if accumulate == "last":
             crack[idx] = f  # a repeated example has the same loss in one batch
+        elif visits >= N:  # the mean leaves out the first epoch (warmup=1)
+            np.add.at(crack, idx, f)
+            recorded += len(idx)
         visits += len(idx)
     if accumulate == "mean":
-        crack = crack / (visits / N)
+        crack = crack / (recorded / N)
     phi = 1 + N / crack.sum() * crack  # balanced: the cracked weigh as much as the rest
     phi *= N / phi.sum()
     criterion.refire()
@@ -87,15 +88,21 @@ def test_firing_run_is_plain_training_and_refire_follows_the_formula(kind, accum
 
 
 def test_refire_with_a_fixed_upweight_and_without_cracks():
-    criterion, gilder = sample_gilding(4, upweight=5.0)
+    criterion, gilder = sample_gilding(4, upweight=5.0, accumulate="last")
     feed(criterion, gilder, np.array([2.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
     criterion.refire()
     expected = np.array([6.0, 1, 1, 1]) * 4 / 9
     np.testing.assert_allclose(criterion.phi.numpy(), expected, rtol=1e-6)
     calm, gilder = sample_gilding(4)
-    feed(calm, gilder, np.full(4, 0.1, np.float32), np.arange(4))
+    for _ in range(2):
+        feed(calm, gilder, np.full(4, 0.1, np.float32), np.arange(4))
     calm.refire()
     assert torch.equal(calm.phi, torch.ones(4))
+    early, gilder = sample_gilding(4)
+    feed(early, gilder, np.full(4, 5.0, np.float32), np.arange(4))
+    with pytest.warns(UserWarning, match="nothing was recorded"):
+        early.refire()  # the firing run ended inside the warm-up epoch
+    assert torch.equal(early.phi, torch.ones(4))
 
 
 @pytest.mark.parametrize("ascent", ["additive", "multiplicative"])
@@ -128,7 +135,7 @@ def test_one_pass_gilding_follows_the_rule(ascent, reduction):
 
 
 def test_nothing_is_recorded_in_eval_or_without_grad():
-    criterion, gilder = sample_gilding(5)
+    criterion, gilder = sample_gilding(5, accumulate="last")
     with torch.no_grad():
         criterion(torch.full((2,), 5.0), torch.tensor([0, 1]))
     criterion.eval()
@@ -152,6 +159,7 @@ def test_state_dict_resumes_a_run_exactly():
         criterion.refire()
         runs.append(criterion)
     assert torch.equal(runs[0].phi, runs[1].phi) and runs[0].visits == runs[1].visits == 48
+    assert runs[0].recorded == runs[1].recorded == 36  # after the warm-up epoch of 9
     fresh, _ = sample_gilding(N)
     fresh.load_state_dict(runs[0].state_dict())
     assert fresh.fired and not fresh.firing and torch.equal(fresh.phi, runs[0].phi)
@@ -258,7 +266,7 @@ def test_protocol_lifts_a_rare_class_without_labels():
 
 
 def test_int32_indices_and_bfloat16_losses_weigh_like_int64_and_float32():
-    criterion, gilder = sample_gilding(5, upweight=3.0)
+    criterion, gilder = sample_gilding(5, upweight=3.0, accumulate="last")
     feed(criterion, gilder, np.array([2.0, 0.1, 2.0], np.float32), np.array([0, 1, 4]))
     criterion.refire()
     losses, idx = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0, 1, 4])
