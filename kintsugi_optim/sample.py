@@ -81,8 +81,8 @@ class SampleGildedLoss(nn.Module):
     full run with this criterion.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
-    epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or ϕ·exp(u)
-    ("multiplicative"), clamped to [1e-3, phi_max].
+    epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or
+    ϕ·exp(u) ("multiplicative"), clamped to [1e-3, phi_max].
 
     Use :func:`sample_gilding` to build it with its Gilder.
     """
@@ -283,7 +283,8 @@ class SampleGilder(GilderOptimizer):
                     phi.index_add_(0, indices, l)
                     crit.recorded += indices.numel()
                     if crit.fracture != "error":  # an unbounded sum may overflow: cap it
-                        phi.index_put_((indices,), phi[indices].clamp_(max=torch.finfo(phi.dtype).max))
+                        cap = torch.finfo(phi.dtype).max
+                        phi.index_put_((indices,), phi[indices].clamp_(max=cap))
             else:
                 phi.index_put_((indices,), l.add_(1))  # the last visit wins, in rank order
             return loss
@@ -351,8 +352,8 @@ def sample_gilding(
 
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
     re-fire with a firing run of a quarter of the training steps, each example's error rate over
-    its visits after the first epoch, and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop
-    which protocol to follow::
+    its visits after the first epoch, and the balanced up-weight. ``criterion.firing_fraction``
+    tells a training loop which protocol to follow::
 
         criterion, gilder = sample_gilding(len(train_set))
         loader = DataLoader(with_indices(train_set), batch_size=256, shuffle=True)
@@ -371,7 +372,9 @@ def sample_gilding(
 
     ``warmup`` (default 1): epochs of examples before anything is recorded. One-pass options
     (``firing_fraction=None``): ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma``
-    (damping), ``phi_max`` (cap, default 1000). See :class:`SampleGildedLoss` and :class:`SampleGilder`.
+    (damping), ``phi_max`` (cap, default 1000). With a long schedule (tens of epochs), a firing run
+    of a few epochs works better than a quarter (docs/sample-gilding.md). See
+    :class:`SampleGildedLoss` and :class:`SampleGilder`.
     """
     require_choice("ascent", ascent, ASCENTS)
     criterion = SampleGildedLoss(num_samples, fracture=fracture, firing_fraction=firing_fraction,
