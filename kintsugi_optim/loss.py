@@ -1,4 +1,5 @@
-r"""GildedLoss: Kintsugi at the loss level, and Group DRO as one of its settings (SPEC §2.5).
+r"""GildedLoss: Kintsugi at the loss level, and Group DRO as one of its settings
+(docs/maths.md §2.5).
 
 Each group of samples (a class, a subpopulation, or a single sample) is a pathway with a
 gilding weight ϕ_g. The loss weighs each group's mean loss l̄_g by ϕ_g; its gradient with respect
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kintsugi_optim._validation import require, require_choice, require_nonnegative
+from kintsugi_optim.functional import phi_dtype
 from kintsugi_optim.gilder import GilderOptimizer
 
 __all__ = ["GildedLoss", "group_dro"]
@@ -67,7 +69,10 @@ class GildedLoss(nn.Module):
                 "phi_init", phi_init, "must be a finite number > 0")
         self.num_groups = num_groups
         self.reduction = reduction
-        self.phi = nn.Parameter(torch.full((num_groups,), float(phi_init)))
+        # A buffer that requires grad, not an nn.Parameter: a model holding this criterion hands
+        # its .parameters() to θ's optimizer, which would descend ϕ (below 0). As a buffer ϕ is
+        # still saved by state_dict() and moved by .to(); autograd fills phi.grad for the Gilder.
+        self.register_buffer("phi", torch.full((num_groups,), float(phi_init)).requires_grad_())
         if adjustment is not None:
             adjustment = torch.as_tensor(adjustment, dtype=self.phi.dtype).detach().clone()
             require(adjustment.shape == (num_groups,) and bool(adjustment.isfinite().all()),
@@ -120,8 +125,25 @@ class GildedLoss(nn.Module):
             require(False, "groups", bad, f"group ids must lie in [0, {self.num_groups})")
 
     def gilding(self) -> dict[str, Tensor]:
-        """``{"groups": ϕ}``, the live parameter of shape ``[num_groups]``."""
+        """``{"groups": ϕ}``, the live tensor of shape ``[num_groups]``."""
         return {"groups": self.phi}
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module replaces a buffer with fn(buffer) outside no_grad, which would make ϕ a
+        # non-leaf that never receives .grad and orphan a Gilder holding the old tensor. Convert
+        # ϕ in place instead, as nn.Module does for parameters; under .half()/.bfloat16() ϕ stays
+        # float32 (a 16-bit ϕ near 1 cannot register a small gilding step).
+        phi, self._buffers["phi"] = self._buffers["phi"], None  # None: skipped, order kept
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["phi"] = phi
+        with torch.no_grad():
+            converted = fn(phi)
+            phi.data = converted.to(phi_dtype(converted))
+            if phi.grad is not None:
+                phi.grad = fn(phi.grad).to(phi.dtype)
+        return self
 
     def extra_repr(self) -> str:
         adjusted = ", adjusted" if self.adjustment is not None else ""

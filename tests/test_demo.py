@@ -25,7 +25,17 @@ def metrics_tables(stdout: str) -> str:
 @pytest.fixture(scope="module")
 def two_quick_runs(tmp_path_factory):
     outs = [tmp_path_factory.mktemp(f"demo{i}") for i in range(2)]
-    return [(run_demo("demo", "--quick", "--seeds", "2", "--out", str(out)), out) for out in outs]
+    return [(run_demo("demo", "--quick", "--seeds", "1", "--out", str(out)), out) for out in outs]
+
+
+ALL_TASKS = ["Adam", "Adam + reweighted CE [uses labels]", "GildedLoss (additive) [uses labels]",
+             "GildedLoss (Group DRO) [uses labels]", "Focal loss", "JTT", "Kintsugi samples"]
+KNOWN_GROUPS_ONLY = ["Sculptor (element)", "Sculptor (row)", "VWPR + Adam + Gilder", "SGD",
+                     "VWPR + SGD + Gilder"]
+
+
+def rows(table: str, method: str) -> int:
+    return sum(line.split("  ")[0] == method for line in table.splitlines())
 
 
 def test_quick_demo_prints_the_tables_and_writes_its_files(two_quick_runs):
@@ -33,21 +43,23 @@ def test_quick_demo_prints_the_tables_and_writes_its_files(two_quick_runs):
     assert result.returncode == 0, result.stderr
     tables = metrics_tables(result.stdout)
     assert "Rare event" in tables and "Spurious correlation" in tables
+    assert "Hidden groups" in tables
     for column in ("balanced acc.", "minority recall", "worst-group acc."):
         assert column in tables
-    for method in ("Adam", "Adam + reweighted CE", "Sculptor (element)", "Sculptor (row)",
-                   "VWPR + Adam + Gilder", "SGD", "VWPR + SGD + Gilder",
-                   "GildedLoss (additive)", "GildedLoss (Group DRO)"):
-        assert sum(line.split("  ")[0] == method for line in tables.splitlines()) == 2, method
+    for method in ALL_TASKS:
+        assert rows(tables, method) == 3, method
+    for method in KNOWN_GROUPS_ONLY:  # no groups to weigh on the hidden task: not run there
+        assert rows(tables, method) == 2, method
     cells = re.findall(r"\d\.\d{3} ± \d\.\d{3}", tables)
-    assert len(cells) == 2 * 9 * 3  # two tasks, nine methods, three metrics
+    assert len(cells) == (2 * 12 + 7) * 3  # two tasks with twelve methods, one with seven
     payload = json.loads((out / "results.json").read_text())
     assert {"runs", "summary", "command", "torch", "date"} <= set(payload)
-    assert len(payload["runs"]) == 2 * 9 * 2
+    assert len(payload["runs"]) == 2 * 12 + 7
     assert "| method |" in (out / "results.md").read_text()
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 12
+    assert len(pngs) == 17  # sculptor, vwpr: 2 tasks × 2; group_dro 3 × 2; samples 3 × 1
     assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in pngs)
+    assert "—" in result.stdout.split("Wall time per run")[1]  # methods not run on hidden
 
 
 def test_the_same_command_prints_the_same_table(two_quick_runs):

@@ -1,5 +1,5 @@
-"""GildedLoss and Group DRO as its setting (SPEC §2.5). The expected values are written out in
-numpy, independently of the library."""
+"""GildedLoss and Group DRO as its setting (docs/maths.md §2.5). The expected values are written
+out in numpy, independently of the library."""
 
 import numpy as np
 import pytest
@@ -157,3 +157,35 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
 def test_group_dro_rejects_a_negative_step_size():
     with pytest.raises(ValueError, match=r"Invalid step_size: -0.1"):
         group_dro(3, step_size=-0.1)
+
+
+def test_phi_is_not_a_parameter_of_a_model_that_holds_the_criterion():
+    """Inside a LightningModule-like model, θ's optimizer over model.parameters() must never
+    see ϕ (it would descend it below 0); ϕ still saves, loads, moves and collects its grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.net = torch.nn.Linear(3, 2)
+    model.criterion = GildedLoss(2)
+    assert [p for p in model.parameters() if p is model.criterion.phi] == []
+    from kintsugi_optim import KintsugiOptimizer
+
+    opt = KintsugiOptimizer(model.parameters(), lr=0.5)
+    gilder = GilderOptimizer([model.criterion.phi], beta=0.1)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    for _ in range(5):
+        loss = model.criterion(F.cross_entropy(model.net(x), y, reduction="none"), y)
+        opt.zero_grad()
+        gilder.zero_grad()
+        loss.backward()
+        assert model.criterion.phi.grad is not None
+        opt.step()
+        gilder.step()
+    assert bool((model.criterion.phi > 1).all())  # ascended by the Gilder only
+    assert "criterion.phi" in model.state_dict()
+    restored = GildedLoss(2)
+    restored.load_state_dict(model.criterion.state_dict())
+    assert torch.equal(restored.phi, model.criterion.phi) and restored.phi.is_leaf
+    moved = GildedLoss(2).double()
+    phi = moved.phi
+    assert phi.dtype == torch.float64 and phi.is_leaf and phi.requires_grad
+    assert moved.half().phi is phi and phi.dtype == torch.float32  # stays a float32 leaf

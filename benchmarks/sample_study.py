@@ -1,0 +1,433 @@
+"""Study of the sample-level gilding rule (docs/sample-gilding.md), on the demo's three tasks.
+
+Every configuration trains the demo's MLP (the same initialisation and batches per seed, so
+comparisons are paired) with Adam, lr 3e-3, batch 256, T = 400 steps. Many configurations train
+at once as one batch of models (``torch.bmm``), single-threaded, so the whole grid fits in
+minutes on a shared 2-core machine. Two-pass methods (JTT, Kintsugi re-fire) share one ERM
+firing run per seed, snapshotted at each firing fraction: their first stage is ERM for all.
+
+    python benchmarks/sample_study.py screen  --seeds 2  > screen.txt     # the whole grid
+    python benchmarks/sample_study.py confirm --seeds 5  > confirm.txt    # the finalists
+    python benchmarks/sample_study.py confirm --seeds 5 --seed-offset 100  # held-out seeds
+    python benchmarks/sample_study.py timing                              # step-time overhead
+
+Metric per task: minority recall (rare), worst-group accuracy (spurious, hidden); also the
+accuracy on the majority (class 0 of rare, the groups where the spurious cue agrees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from kintsugi_optim.demo import make_model, make_task
+
+torch.set_num_threads(1)
+STEPS, BATCH, LR = 400, 256, 3e-3
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# K MLPs trained at once
+# --------------------------------------------------------------------------------------------
+
+
+class Models:
+    """K copies of the demo's MLP, all starting from ``torch.manual_seed(seed)``'s init."""
+
+    def __init__(self, K: int, seed: int, D: int, C: int):
+        torch.manual_seed(seed)
+        net = make_model(D, C)
+        self.params = []
+        for layer in (net[0], net[2], net[4]):
+            self.params.append(layer.weight.detach().t().unsqueeze(0).repeat(K, 1, 1).requires_grad_())
+            self.params.append(layer.bias.detach().unsqueeze(0).repeat(K, 1).unsqueeze(1).requires_grad_())
+        self.opt = torch.optim.Adam(self.params, lr=LR)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [K, b, D] -> logits [K, b, C]
+        w1, b1, w2, b2, w3, b3 = self.params
+        h = torch.relu(torch.baddbmm(b1, x, w1))
+        h = torch.relu(torch.baddbmm(b2, h, w2))
+        return torch.baddbmm(b3, h, w3)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:  # x [n, D] -> [K, n]
+        K = self.params[0].shape[0]
+        return torch.cat([self(x[i:i + chunk].expand(K, -1, -1)).argmax(-1)
+                          for i in range(0, x.shape[0], chunk)], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: each gives per-example weights (and, for JTT, a sampling distribution)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str  # erm, focal, wce, gdro, jtt, gild (one pass), refire
+    fracture: str = "error"  # loss, relative, error
+    ascent: str = "additive"
+    beta: float = 1.0
+    warmup: float = 0.0  # epochs without gilding (one pass)
+    gamma: float = 0.0
+    phi_max: float | None = None
+    weighting: str = "dataset"  # dataset: (1/B)Σϕℓ with mean ϕ = 1; batch: Σϕℓ/Σϕ
+    firing: float = 0.0
+    accumulate: str = "mean"  # refire: mean over visits (mean1: after the first epoch), last, ema
+    upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
+    state: dict = field(default_factory=dict)
+
+
+def fracture_of(losses: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "loss":
+        return losses
+    if kind == "relative":
+        return losses / losses.mean().clamp_min(1e-12)
+    return (losses > LN2).float()  # p_y < 1/2: an error for two classes, "not confidently right" for more
+
+
+def gild_visit(cfg: Config, phi: torch.Tensor, idx: torch.Tensor, losses: torch.Tensor) -> None:
+    """One-pass sample gilding of the batch's examples (in place)."""
+    f = fracture_of(losses, cfg.fracture)
+    old = phi[idx]
+    s = f * (1 - cfg.gamma * old).clamp_min(0)
+    new = old + cfg.beta * s if cfg.ascent == "additive" else old * torch.exp(cfg.beta * s)
+    new = new.clamp(1e-3, cfg.phi_max if cfg.phi_max else 1e30)
+    phi[idx] = new
+
+
+def batch_weights(cfg: Config, phi: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
+    w = phi[idx]
+    if cfg.weighting == "dataset":
+        return w * (N / phi.sum())
+    return w * (w.numel() / w.sum())
+
+
+def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> torch.Tensor:
+    if cfg.accumulate == "mean1":
+        visits = max(visits - N, 0)
+    e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
+    if cfg.upweight == "balanced":
+        lam = N / max(float(e.sum()), 1e-12)
+    else:
+        lam = float(cfg.upweight)
+    lam = min(lam, 1e3)
+    phi = 1 + lam * e
+    return phi * (N / phi.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(pred: torch.Tensor, task) -> list[dict]:
+    _, y, g = task.test
+    out = []
+    for p in pred:
+        correct = (p == y).float()
+        gacc = [correct[g == k].mean().item() for k in range(task.num_groups) if bool((g == k).any())]
+        m = {"accuracy": correct.mean().item(), "worst_group": min(gacc)}
+        if task.name == "rare":
+            m["target"] = correct[y == 1].mean().item()
+            m["majority"] = correct[y == 0].mean().item()
+        else:
+            m["target"] = m["worst_group"]
+            if task.name == "spurious":  # groups 2y+a: the cue agrees when a == y
+                agree = (g == 0) | (g == 3)
+            else:  # hidden: 2y + atypical
+                agree = g % 2 == 0
+            m["majority"] = correct[agree].mean().item()
+        out.append(m)
+    return out
+
+
+def train(task, seed: int, configs: list[Config], firing_model_weights=None):
+    """Train every config for STEPS steps from the seed's init; returns test metrics.
+
+    ``firing_model_weights``: per config, fixed per-example weights (re-fire) or a JTT
+    sampling distribution, from the firing run."""
+    x, y, groups = task.train
+    N, D, C = x.shape[0], x.shape[1], task.num_classes
+    K = len(configs)
+    models = Models(K, seed, D, C)
+    order = torch.Generator().manual_seed(seed)
+    sampler = torch.Generator().manual_seed(10_000 + seed)
+    G = task.num_pathways
+    counts = torch.bincount(groups, minlength=G).float()
+    wce = counts.sum() / (G * counts.clamp_min(1))
+    for k, cfg in enumerate(configs):
+        cfg.state = {"phi": torch.ones(N), "q": torch.full((G,), 1.0 / G), "seen": 0}
+    for step in range(STEPS):
+        idx = torch.randint(0, N, (BATCH,), generator=order)
+        idxs = idx.expand(K, -1).clone()
+        for k, cfg in enumerate(configs):
+            if cfg.kind == "jtt":
+                idxs[k] = torch.multinomial(firing_model_weights[k], BATCH, replacement=True,
+                                            generator=sampler)
+        logits = models(x[idxs])
+        losses = F.cross_entropy(logits.reshape(-1, C), y[idxs].reshape(-1),
+                                 reduction="none").view(K, BATCH)
+        detached = losses.detach()
+        terms = []
+        for k, cfg in enumerate(configs):
+            l, i, st = losses[k], idxs[k], cfg.state
+            if cfg.kind in ("erm", "jtt"):
+                terms.append(l.mean())
+            elif cfg.kind == "focal":
+                p = torch.exp(-l)
+                terms.append(((1 - p) ** 2 * l).mean())
+            elif cfg.kind == "wce":
+                w = wce[groups[i]]
+                terms.append((w * l).sum() / w.sum())
+            elif cfg.kind == "gdro":
+                g = groups[i]
+                means = torch.zeros(G).index_add_(0, g, l) / torch.bincount(g, minlength=G).clamp_min(1)
+                terms.append((st["q"] * means).sum())
+                q = st["q"] * torch.exp(0.05 * means.detach())
+                st["q"] = q / q.sum()
+            elif cfg.kind == "refire":
+                w = firing_model_weights[k][i]
+                terms.append((w * l).mean() if cfg.weighting == "dataset" else (w * l).sum() / w.sum())
+            elif cfg.kind == "gild":
+                w = batch_weights(cfg, st["phi"], i, N)
+                terms.append((w * l).mean() if cfg.weighting == "dataset" else (w * l).sum() / w.sum())
+                st["seen"] += BATCH
+                if st["seen"] > cfg.warmup * N:
+                    gild_visit(cfg, st["phi"], i, detached[k])
+        models.opt.zero_grad()
+        torch.stack(terms).sum().backward()
+        models.opt.step()
+    return evaluate(models.predict(task.test[0]), task)
+
+
+def firing_run(task, seed: int, fractions: list[float], refires: list[Config]):
+    """ERM for max(fractions)·STEPS steps; per fraction, the JTT error set of the snapshot and
+    each re-fire config's crack memory (accumulated during the run, as the criterion does)."""
+    x, y, _ = task.train
+    N, D, C = x.shape[0], x.shape[1], task.num_classes
+    models = Models(1, seed, D, C)
+    order = torch.Generator().manual_seed(seed)
+    cracks = {(c.fracture, c.accumulate): torch.zeros(N) for c in refires}
+    visits, snapshots = 0, {}
+    last = max(fractions)
+    for step in range(int(last * STEPS) + 1):
+        for f in fractions:
+            if step == int(f * STEPS):
+                errors = (models.predict(x)[0] != y).float()
+                snapshots[f] = {"errors": errors, "visits": visits,
+                                "cracks": {k: v.clone() for k, v in cracks.items()}}
+        if step == int(last * STEPS):
+            break
+        idx = torch.randint(0, N, (BATCH,), generator=order)
+        logits = models(x[idx].unsqueeze(0))[0]
+        losses = F.cross_entropy(logits, y[idx], reduction="none")
+        with torch.no_grad():
+            for (frac, acc), crack in cracks.items():
+                f = fracture_of(losses.detach(), frac)
+                if acc == "mean1":  # the mean after the first epoch
+                    if visits >= N:
+                        crack.index_add_(0, idx, f)
+                elif acc == "mean":
+                    crack.index_add_(0, idx, f)
+                elif acc == "ema":  # half-life of one visit
+                    crack[idx] = 0.5 * crack[idx] + 0.5 * f
+                else:
+                    crack[idx] = f
+        visits += BATCH
+        models.opt.zero_grad()
+        losses.mean().backward()
+        models.opt.step()
+    return snapshots
+
+
+# --------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------
+
+
+def baselines() -> list[Config]:
+    return [Config("ERM", "erm"), Config("focal (γ=2)", "focal"),
+            Config("weighted CE [labels]", "wce"), Config("Group DRO [labels]", "gdro")]
+
+
+def one_pass_grid() -> list[Config]:
+    out = []
+    for frac in ("loss", "relative", "error"):
+        for ascent, betas in (("additive", (0.3, 1.0, 3.0)), ("multiplicative", (0.1, 0.3))):
+            for beta in betas:
+                for warm in (0.0, 1.0):
+                    out.append(Config(f"1-pass {frac} {ascent[:4]} β={beta} warm={warm:g}", "gild",
+                                      fracture=frac, ascent=ascent, beta=beta, warmup=warm,
+                                      phi_max=1e3))
+    out += [Config("1-pass error add β=1 γ=0.1", "gild", beta=1.0, gamma=0.1, phi_max=1e3),
+            Config("1-pass error add β=1 cap 10", "gild", beta=1.0, phi_max=10.0),
+            Config("1-pass error add β=1 batch-norm", "gild", beta=1.0, phi_max=1e3, weighting="batch"),
+            Config("1-pass relative mult β=0.3 cap 10", "gild", fracture="relative",
+                   ascent="multiplicative", beta=0.3, phi_max=10.0)]
+    return out
+
+
+def refire_grid(fractions) -> list[Config]:
+    out = []
+    for f in fractions:
+        for lam in (6, 20, 50, "balanced"):
+            out.append(Config(f"JTT f={f} λ={lam}", "jtt", firing=f, upweight=lam))
+        for frac in ("error", "relative", "loss"):
+            for acc in ("mean", "last", "ema", "mean1") if frac == "error" else ("mean", "last"):
+                for lam in ("balanced", 6, 20):
+                    out.append(Config(f"re-fire f={f} {frac} {acc} λ={lam}", "refire", fracture=frac,
+                                      accumulate=acc, firing=f, upweight=lam))
+    return out
+
+
+def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offset=0):
+    results: dict[str, dict[str, list[dict]]] = {}
+    for name in task_names:
+        for seed in range(offset, offset + seeds):
+            t0 = time.perf_counter()
+            task = make_task(name, seed)
+            N = task.train[0].shape[0]
+            res = train(task, seed, configs_one) if configs_one else []
+            for cfg, m in zip(configs_one, res):
+                results.setdefault(cfg.name, {}).setdefault(name, []).append(m)
+            if configs_two:
+                snaps = firing_run(task, seed, fractions, [c for c in configs_two if c.kind == "refire"])
+                weights = []
+                for cfg in configs_two:
+                    snap = snaps[cfg.firing]
+                    if cfg.kind == "jtt":
+                        lam = (N / max(float(snap["errors"].sum()), 1.0) if cfg.upweight == "balanced"
+                               else cfg.upweight - 1)  # JTT's λ counts the example itself
+                        weights.append(1 + lam * snap["errors"])
+                    else:
+                        crack = snap["cracks"][(cfg.fracture, cfg.accumulate)]
+                        weights.append(refire_weights(cfg, crack, snap["visits"], N))
+                res = train(task, seed, configs_two, weights)
+                for cfg, m in zip(configs_two, res):
+                    results.setdefault(cfg.name, {}).setdefault(name, []).append(m)
+            log(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return results
+
+
+def table(results, task_names, ref="ERM"):
+    """Mean target metric per task (and paired gain over ERM), majority accuracy, mean over tasks."""
+    rows = []
+    for name, per_task in results.items():
+        cells, gains, majors = [], [], []
+        for t in task_names:
+            ms = per_task[t]
+            target = statistics.mean(m["target"] for m in ms)
+            gain = statistics.mean(m["target"] - r["target"] for m, r in zip(ms, results[ref][t]))
+            cells.append(target)
+            gains.append(gain)
+            majors.append(statistics.mean(m["majority"] for m in ms))
+        rows.append((name, cells, gains, majors))
+    rows.sort(key=lambda r: -statistics.mean(r[1]))
+    head = ("| method | " + " | ".join(f"{t} target (Δ ERM)" for t in task_names)
+            + " | mean target | min Δ ERM | " + " | ".join(f"{t} majority" for t in task_names) + " |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(task_names))]
+    for name, cells, gains, majors in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{c:.3f} ({g:+.3f})" for c, g in zip(cells, gains))
+                     + f" | {statistics.mean(cells):.3f} | {min(gains):+.3f} | "
+                     + " | ".join(f"{m:.3f}" for m in majors) + " |")
+    return "\n".join(lines)
+
+
+FINALISTS = ";".join([  # from the screening round (docs/sample-gilding.md); mean1 is the default
+    "re-fire f=0.25 error mean1 λ=balanced", "re-fire f=0.5 error mean1 λ=balanced",
+    "re-fire f=0.5 error last λ=balanced", "re-fire f=0.25 error last λ=balanced",
+    "re-fire f=0.25 error last λ=20", "re-fire f=0.5 error mean λ=balanced",
+    "JTT f=0.1 λ=50", "JTT f=0.25 λ=20", "JTT f=0.25 λ=balanced", "JTT f=0.5 λ=balanced",
+    "1-pass error mult β=0.1 warm=0",
+])
+
+
+def timing(repeats: int = 11, steps: int = 40) -> str:
+    """Median time of one training step (the demo's MLP and a wider one, batch 256, Adam, 1 thread): plain
+    ERM against the same step through sample_gilding's criterion and Gilder, in the firing run,
+    after refire() and in one-pass mode; interleaved, so machine load hits all alike."""
+    from kintsugi_optim import sample_gilding
+
+    lines = ["| N | MLP width | step | median ms | × ERM |", "|---|---|---|---|---|"]
+    for N, width in ((8_000, 64), (1_000_000, 64), (8_000, 1024)):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(N, 16, generator=g), torch.randint(0, 2, (N,), generator=g)
+        variants = {"ERM": None, "firing run": {}, "after refire()": {},
+                    "one pass": {"firing_fraction": None, "warmup": 0.0}}
+        setups = {}
+        for name, options in variants.items():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                        torch.nn.Linear(width, 2))
+            opt = torch.optim.Adam(model.parameters(), lr=LR)
+            pair = sample_gilding(N, **options) if options is not None else None
+            if name == "after refire()":
+                pair[0].refire()
+            setups[name] = (model, opt, pair)
+        times = {name: [] for name in variants}
+        order = torch.Generator().manual_seed(1)
+        for _ in range(repeats):
+            for name, (model, opt, pair) in setups.items():
+                batches = [torch.randint(0, N, (BATCH,), generator=order) for _ in range(steps)]
+                t0 = time.perf_counter()
+                for idx in batches:
+                    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
+                    loss = pair[0](losses, idx) if pair else losses.mean()
+                    opt.zero_grad()
+                    if pair:
+                        pair[1].zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if pair:
+                        pair[1].step()
+                times[name].append((time.perf_counter() - t0) / steps * 1e3)
+        erm = statistics.median(times["ERM"])
+        for name, ts in times.items():
+            lines.append(f"| {N:,} | {width} | {name} | {statistics.median(ts):.3f} | "
+                         f"{statistics.median(ts) / erm:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    global STEPS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["screen", "confirm", "timing"])
+    ap.add_argument("--fractions", default="0.1,0.25,0.5", help="firing fractions (screen)")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--tasks", default="rare,spurious,hidden")
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps of the main run (T)")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
+    ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
+    args = ap.parse_args()
+    STEPS = args.steps
+    if args.mode == "timing":
+        print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
+        return
+    tasks = args.tasks.split(",")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    one = baselines() + one_pass_grid()
+    two = refire_grid(fractions)
+    if args.mode == "confirm" and args.only:
+        keep = set(args.only.split(";")) | {c.name for c in baselines()}
+        one = [c for c in one if c.name in keep]
+        two = [c for c in two if c.name in keep]
+        fractions = sorted({c.firing for c in two}) or fractions
+    t0 = time.perf_counter()
+    results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
+    print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
+          f"torch {torch.__version__}, 1 thread\n")
+    print(table(results, tasks))
+
+
+if __name__ == "__main__":
+    main()

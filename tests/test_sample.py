@@ -1,0 +1,282 @@
+"""Sample-level gilding without labels (docs/sample-gilding.md). Expected values are written out
+in numpy, independently of the library."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch.utils.data import DataLoader, TensorDataset
+
+from kintsugi_optim import GilderOptimizer, SampleGildedLoss, sample_gilding, with_indices
+
+LN2 = math.log(2.0)
+
+
+def batches(N, steps, B=6, seed=0, high=3.0):
+    """Per step (losses [B] float32, indices [B] int64), with repeated indices."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        yield (rng.uniform(0, high, B).astype(np.float32), rng.integers(0, N, B))
+
+
+def feed(criterion, gilder, losses, indices):
+    losses = torch.tensor(losses, requires_grad=True)
+    loss = criterion(losses, torch.from_numpy(indices))
+    gilder.zero_grad()
+    loss.backward()
+    gilder.step()
+    return loss.detach(), losses.grad
+
+
+def fracture(losses, kind):
+    if kind == "error":
+        return (losses > LN2).astype(float)
+    if kind == "relative":
+        return losses / losses.mean()
+    return losses.astype(float)
+
+
+def test_returns_the_pair_and_phi_is_4_bytes_per_example_outside_any_parameters():
+    criterion, gilder = sample_gilding(1000)
+    assert isinstance(criterion, SampleGildedLoss) and isinstance(gilder, GilderOptimizer)
+    assert gilder.param_groups[0]["params"][0] is criterion.phi
+    phi = criterion.gilding()["samples"]
+    assert phi is criterion.phi and phi.dtype == torch.float32 and phi.shape == (1000,)
+    assert phi.element_size() * phi.numel() == 4 * 1000 and not phi.requires_grad
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    model.criterion = criterion  # as inside a LightningModule
+    assert all(p is not criterion.phi for p in model.parameters())
+    assert "criterion.phi" in model.state_dict()
+    assert criterion.double().phi.dtype == torch.float32  # ϕ stays 4 bytes
+
+
+@pytest.mark.parametrize("kind", ["error", "relative", "loss"])
+@pytest.mark.parametrize("accumulate", ["mean", "last"])
+def test_firing_run_is_plain_training_and_refire_follows_the_formula(kind, accumulate):
+    N = 12
+    criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate)
+    assert criterion.firing_fraction == 0.25 and criterion.firing
+    crack, visits, recorded = np.zeros(N), 0, 0
+    for losses, idx in batches(N, 7):
+        value, grad = feed(criterion, gilder, losses, idx)
+        np.testing.assert_allclose(value, losses.mean(), rtol=1e-6)  # ERM during firing
+        f = fracture(losses, kind)
+        if accumulate == "last":
+            crack[idx] = f  # a repeated example has the same loss in one batch
+        elif visits >= N:  # the mean leaves out the first epoch (warmup=1)
+            np.add.at(crack, idx, f)
+            recorded += len(idx)
+        visits += len(idx)
+    if accumulate == "mean":
+        crack = crack / (recorded / N)
+    phi = 1 + N / crack.sum() * crack  # balanced: the cracked weigh as much as the rest
+    phi *= N / phi.sum()
+    criterion.refire()
+    assert not criterion.firing
+    np.testing.assert_allclose(criterion.phi.numpy(), phi, rtol=1e-5)
+    # frozen: the Gilder leaves ϕ alone, the loss is the ϕ-weighted mean
+    for losses, idx in batches(N, 3, seed=1):
+        value, grad = feed(criterion, gilder, losses, idx)
+        np.testing.assert_allclose(value, np.mean(phi[idx] * losses), rtol=1e-5)
+        np.testing.assert_allclose(grad.numpy(), phi[idx] / len(idx), rtol=1e-5)
+    np.testing.assert_allclose(criterion.phi.numpy(), phi, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already"):
+        criterion.refire()
+
+
+def test_refire_with_a_fixed_upweight_and_without_cracks():
+    criterion, gilder = sample_gilding(4, upweight=5.0, accumulate="last")
+    feed(criterion, gilder, np.array([2.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
+    criterion.refire()
+    expected = np.array([6.0, 1, 1, 1]) * 4 / 9
+    np.testing.assert_allclose(criterion.phi.numpy(), expected, rtol=1e-6)
+    calm, gilder = sample_gilding(4)
+    for _ in range(2):
+        feed(calm, gilder, np.full(4, 0.1, np.float32), np.arange(4))
+    calm.refire()
+    assert torch.equal(calm.phi, torch.ones(4))
+    early, gilder = sample_gilding(4)
+    feed(early, gilder, np.full(4, 5.0, np.float32), np.arange(4))
+    with pytest.warns(UserWarning, match="nothing was recorded"):
+        early.refire()  # the firing run ended inside the warm-up epoch
+    assert torch.equal(early.phi, torch.ones(4))
+
+
+@pytest.mark.parametrize("ascent", ["additive", "multiplicative"])
+@pytest.mark.parametrize("reduction", ["dataset", "batch"])
+def test_one_pass_gilding_follows_the_rule(ascent, reduction):
+    N, beta, gamma, cap, warmup = 10, 0.4, 0.1, 3.0, 0.5
+    criterion, gilder = sample_gilding(N, firing_fraction=None, fracture="relative", beta=beta,
+                                       ascent=ascent, gamma=gamma, phi_max=cap, warmup=warmup,
+                                       reduction=reduction)
+    assert criterion.firing_fraction is None
+    with pytest.raises(RuntimeError, match="two-pass"):
+        criterion.refire()
+    phi, visits = np.ones(N), 0
+    for losses, idx in batches(N, 8):
+        w = phi[idx]
+        expected = (np.mean(w / phi.mean() * losses) if reduction == "dataset"
+                    else (w * losses).sum() / w.sum())
+        value, _ = feed(criterion, gilder, losses, idx)
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        if visits >= warmup * N:
+            u = np.zeros(N)
+            np.add.at(u, idx, beta * fracture(losses, "relative"))
+            seen = np.unique(idx)
+            u = u[seen] * np.maximum(0, 1 - gamma * phi[seen])
+            new = phi[seen] + u if ascent == "additive" else phi[seen] * np.exp(u)
+            phi[seen] = np.clip(new, 1e-3, cap)
+        visits += len(idx)
+        np.testing.assert_allclose(criterion.phi.numpy(), phi, rtol=1e-5)
+    assert phi.max() > 1  # it did gild
+
+
+def test_nothing_is_recorded_in_eval_or_without_grad():
+    criterion, gilder = sample_gilding(5, accumulate="last")
+    with torch.no_grad():
+        criterion(torch.full((2,), 5.0), torch.tensor([0, 1]))
+    criterion.eval()
+    criterion(torch.full((2,), 5.0, requires_grad=True), torch.tensor([2, 3]))
+    gilder.step()
+    assert torch.equal(criterion.phi, torch.ones(5)) and criterion.visits == 0
+
+
+def test_state_dict_resumes_a_run_exactly():
+    N = 9
+    runs = []
+    for split in (None, 4):
+        criterion, gilder = sample_gilding(N, accumulate="mean")
+        for step, (losses, idx) in enumerate(batches(N, 8)):
+            if step == split:
+                saved = {k: v.clone() if torch.is_tensor(v) else v
+                         for k, v in criterion.state_dict().items()}
+                criterion, gilder = sample_gilding(N, accumulate="mean")
+                criterion.load_state_dict(saved)
+            feed(criterion, gilder, losses, idx)
+        criterion.refire()
+        runs.append(criterion)
+    assert torch.equal(runs[0].phi, runs[1].phi) and runs[0].visits == runs[1].visits == 48
+    assert runs[0].recorded == runs[1].recorded == 36  # after the warm-up epoch of 9
+    fresh, _ = sample_gilding(N)
+    fresh.load_state_dict(runs[0].state_dict())
+    assert fresh.fired and not fresh.firing and torch.equal(fresh.phi, runs[0].phi)
+
+
+@pytest.mark.parametrize("losses,indices,match", [
+    (torch.ones(3), torch.tensor([0, 1, 10]), r"Invalid indices: \[10\].*\[0, 10\)"),
+    (torch.ones(2), torch.tensor([-1, 0]), r"Invalid indices: \[-1\]"),
+    (torch.ones(2), torch.tensor([0.0, 1.0]), r"Invalid indices: .*torch.float32"),
+    (torch.ones(2), torch.tensor([True, False]), r"Invalid indices: .*torch.bool"),
+    (torch.ones(3), torch.tensor([0, 1]), r"Invalid indices: tensor of shape \(2,\).*\(3,\)"),
+    (torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.long), r"Invalid losses: tensor of shape"),
+    (torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]), r"Invalid losses: \[nan\]"),
+    (torch.tensor([float("inf"), 1.0]), torch.tensor([0, 1]), r"Invalid losses: \[inf\]"),
+    ([1.0, 2.0], torch.tensor([0, 1]), r"Invalid losses: list"),
+])
+def test_bad_batches_raise_naming_the_argument_and_change_nothing(losses, indices, match):
+    criterion, gilder = sample_gilding(10, firing_fraction=None, warmup=0.0)
+    with pytest.raises(ValueError, match=match):
+        criterion(losses, indices)
+    gilder.step()
+    assert torch.equal(criterion.phi, torch.ones(10)) and criterion.visits == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_samples=0), r"Invalid num_samples: 0"),
+    (dict(num_samples=-3), r"Invalid num_samples: -3"),
+    (dict(num_samples=2.0), r"Invalid num_samples: 2.0"),
+    (dict(num_samples=4, firing_fraction=1.0), r"Invalid firing_fraction: 1.0"),
+    (dict(num_samples=4, upweight=-1.0), r"Invalid upweight: -1.0"),
+    (dict(num_samples=4, fracture="grad"), r"Invalid fracture: 'grad'"),
+    (dict(num_samples=4, accumulate="max"), r"Invalid accumulate: 'max'"),
+    (dict(num_samples=4, reduction="sum"), r"Invalid reduction: 'sum'"),
+    (dict(num_samples=4, warmup=-1), r"Invalid warmup: -1"),
+    (dict(num_samples=4, ascent="up"), r"Invalid ascent: 'up'"),
+    (dict(num_samples=4, beta=-0.1), r"Invalid beta: -0.1"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_gilding(**kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), ascent=st.sampled_from(["additive", "multiplicative"]),
+       kind=st.sampled_from(["error", "relative", "loss"]), firing=st.sampled_from([None, 0.5]),
+       phi_max=st.sampled_from([None, 10.0]), scale=st.sampled_from([1.0, 1e30, 1e38]))
+def test_property_phi_stays_finite_and_positive(seed, ascent, kind, firing, phi_max, scale):
+    N = 6
+    criterion, gilder = sample_gilding(N, firing_fraction=firing, fracture=kind, ascent=ascent,
+                                       beta=2.0, phi_max=phi_max, warmup=0.0)
+    for losses, idx in batches(N, 5, B=4, seed=seed):
+        feed(criterion, gilder, (losses * np.float32(scale)).astype(np.float32), idx)
+        assert bool(criterion.phi.isfinite().all() & (criterion.phi > 0).all())
+    if firing:
+        criterion.refire()
+    assert bool(criterion.phi.isfinite().all() & (criterion.phi > 0).all())
+
+
+def test_with_indices_yields_each_examples_index():
+    x, y = torch.randn(7, 2), torch.arange(7)
+    loader = DataLoader(with_indices(TensorDataset(x, y)), batch_size=3, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    seen = []
+    for xb, yb, idx in loader:
+        assert idx.dtype == torch.int64 and torch.equal(yb, idx) and torch.equal(xb, x[idx])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(7))
+    single = with_indices([10, 20])
+    assert len(single) == 2 and single[1] == (20, 1)
+
+
+def test_protocol_lifts_a_rare_class_without_labels():
+    """The documented two-pass loop on a small imbalanced problem: recall of the rare class
+    rises well above plain training's, the only signal being which examples the model cracks."""
+    g = torch.Generator().manual_seed(0)
+    N = 2000
+    y = (torch.rand(N, generator=g) < 0.05).long()
+    x = torch.randn(N, 4, generator=g)
+    x[:, 0] += 2.0 * y
+
+    def train(criterion=None, gilder=None, steps=80):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        order = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            idx = torch.randint(0, N, (128,), generator=order)
+            losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
+            loss = criterion(losses, idx) if criterion else losses.mean()
+            opt.zero_grad()
+            if gilder:
+                gilder.zero_grad()
+            loss.backward()
+            opt.step()
+            if gilder:
+                gilder.step()
+        with torch.no_grad():
+            return (model(x).argmax(1)[y == 1] == 1).float().mean().item()
+
+    criterion, gilder = sample_gilding(N)
+    train(criterion, gilder, int(criterion.firing_fraction * 80))
+    criterion.refire()
+    assert train(criterion, gilder) > train() + 0.2
+
+
+def test_int32_indices_and_bfloat16_losses_weigh_like_int64_and_float32():
+    criterion, gilder = sample_gilding(5, upweight=3.0, accumulate="last")
+    feed(criterion, gilder, np.array([2.0, 0.1, 2.0], np.float32), np.array([0, 1, 4]))
+    criterion.refire()
+    losses, idx = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0, 1, 4])
+    expected = criterion(losses, idx)
+    torch.testing.assert_close(criterion(losses, idx.int()), expected)
+    half = criterion(losses.bfloat16(), idx)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, expected)
+
+
+def test_with_indices_rejects_an_iterable_dataset():
+    with pytest.raises(ValueError, match=r"Invalid dataset: 'generator'"):
+        with_indices(x for x in range(3))
