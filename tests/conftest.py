@@ -13,3 +13,9 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def requires_torch(version: str, why: str):
+    """Skip on a torch older than ``version``: CI also runs the suite on the oldest torch that
+    pyproject.toml accepts, where these features are not claimed (docs/maths.md §4)."""
+    return pytest.mark.skipif(torch.__version__ < version, reason=f"needs torch>={version}: {why}")

@@ -108,8 +108,10 @@ def _tensor_lr_run(base, device, **options):
     reference = TORCH[base](theirs, lr=lr.clone(), **options)
     train(sculptor, ours, SCHEDULERS["SequentialLR"])
     train(reference, theirs, SCHEDULERS["SequentialLR"])
-    assert sculptor.param_groups[0]["lr"] is lr  # schedulers fill a tensor lr in place
-    assert lr.item() == pytest.approx(reference.param_groups[0]["lr"].item())
+    group_lr = sculptor.param_groups[0]["lr"]
+    if torch.__version__ >= "2.10":  # older schedulers put a new tensor in the group
+        assert group_lr is lr  # schedulers fill a tensor lr in place
+    assert group_lr.item() == pytest.approx(reference.param_groups[0]["lr"].item())
     return ours, theirs
 
 
