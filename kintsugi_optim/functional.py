@@ -713,7 +713,7 @@ def _multi_tensor_sculpt(
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if isinstance(lr, Tensor) and not capturable:
+    if isinstance(lr, Tensor) and not capturable and base != "sgd":  # torch's SGD takes it
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
     if not torch.compiler.is_compiling() and capturable and base != "sgd":
         supported = _get_capturable_supported_devices(supports_xla=False)
