@@ -109,5 +109,5 @@ def require_valid_phi(name: str, phi: Any) -> None:
     bad = ~(torch.isfinite(phi) & (phi > 0))
     if bool(bad.any()):  # once per load: the price of never stepping with a corrupt ϕ
         values = phi.detach()[bad].flatten()[:4].tolist()
-        require(False, name, f"tensor of shape {tuple(phi.shape)} with entries {values}",
-                "gilding weights must be finite and > 0")
+        raise ValueError(f"Invalid {name}: tensor of shape {tuple(phi.shape)} with entries "
+                         f"{values} (gilding weights must be finite and > 0)")

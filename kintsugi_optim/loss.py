@@ -13,7 +13,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kintsugi_optim._validation import require, require_choice, require_nonnegative
+from kintsugi_optim._validation import (
+    require,
+    require_choice,
+    require_nonnegative,
+    require_positive_representable,
+    require_valid_phi,
+)
 from kintsugi_optim.gilder import GilderOptimizer
 
 __all__ = ["GildedLoss", "group_dro"]
@@ -65,16 +71,22 @@ class GildedLoss(nn.Module):
         require(isinstance(phi_init, (int, float)) and not isinstance(phi_init, bool)
                 and math.isfinite(phi_init) and phi_init > 0,
                 "phi_init", phi_init, "must be a finite number > 0")
+        require_positive_representable("phi_init", float(phi_init), [torch.get_default_dtype()])
         self.num_groups = num_groups
         self.reduction = reduction
         self.phi = nn.Parameter(torch.full((num_groups,), float(phi_init)))
         if adjustment is not None:
-            adjustment = torch.as_tensor(adjustment, dtype=self.phi.dtype).detach().clone()
+            try:
+                adjustment = torch.as_tensor(adjustment, dtype=self.phi.dtype).detach().clone()
+            except (TypeError, ValueError, RuntimeError):
+                require(False, "adjustment", adjustment,
+                        f"must be a tensor or sequence of {num_groups} finite numbers")
             require(adjustment.shape == (num_groups,) and bool(adjustment.isfinite().all()),
                     "adjustment", adjustment.tolist() if adjustment.numel() <= 8 else
                     f"tensor of shape {tuple(adjustment.shape)}",
                     f"must be finite with shape [num_groups] = [{num_groups}]")
         self.register_buffer("adjustment", adjustment)
+        self.register_load_state_dict_pre_hook(_check_loaded_phi)
 
     def forward(self, losses: Tensor, groups: Tensor) -> Tensor:
         """Gilded loss of a batch: ``losses`` [B] floating, ``groups`` [B] integer ids."""
@@ -147,11 +159,19 @@ def group_dro(
         loss = criterion(F.cross_entropy(model(x), y, reduction="none"), g)
         opt.zero_grad(); gilder.zero_grad(); loss.backward(); opt.step(); gilder.step()
     """
-    require_nonnegative("step_size", step_size)
+    step_size = require_nonnegative("step_size", step_size)
+    require(math.isfinite(step_size * num_groups) if isinstance(num_groups, int) else True,
+            "step_size", step_size, "step_size·num_groups (the Gilder's beta) must be finite")
     loss = GildedLoss(num_groups, "mean", adjustment=adjustment)
     gilder = GilderOptimizer([loss.phi], beta=step_size * num_groups, ascent="multiplicative",
                              phi_norm="mean")
     return loss, gilder
+
+
+def _check_loaded_phi(module, state_dict, prefix, *args) -> None:
+    # A NaN or ≤ 0 ϕ in a checkpoint would silently poison every later loss and step.
+    if prefix + "phi" in state_dict:
+        require_valid_phi(f"{prefix}phi in the loaded state_dict", state_dict[prefix + "phi"])
 
 
 def _invalid(name: str, value: object, rule: str) -> None:

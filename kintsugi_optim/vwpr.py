@@ -19,7 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from kintsugi_optim._validation import require
+from kintsugi_optim._validation import (
+    require,
+    require_positive_representable,
+    require_valid_phi,
+)
 from kintsugi_optim.functional import phi_dtype
 from kintsugi_optim.history import PhiHistory
 
@@ -194,6 +198,12 @@ class VWPR(nn.Module):
         require(isinstance(history, (bool, PhiHistory)), "history", history,
                 "must be True, False or a PhiHistory")
         selected = _select_layers(model, layers)  # every check before the first hook
+        phi_dtypes = set()  # phi_init must not round to 0 (or overflow) in any ϕ
+        for _, module, _ in selected:
+            weight = getattr(module, "weight", None)
+            ready = isinstance(weight, Tensor) and not isinstance(weight, UninitializedParameter)
+            phi_dtypes.add(phi_dtype(weight) if ready else torch.get_default_dtype())
+        require_positive_representable("phi_init", float(phi_init), phi_dtypes)
         self.model = model
         self.gilding_weights = _GildingWeights()
         self._gated_names = [name for name, _, _ in selected]
@@ -208,6 +218,7 @@ class VWPR(nn.Module):
             self.gilding_weights.add(name, phi)
             self._handles[name] = module.register_forward_hook(
                 _Gate(self.gilding_weights, name, module))
+        self.register_load_state_dict_pre_hook(_check_loaded_phi)
         # Not `history or None`: an empty PhiHistory has len 0 and is falsy.
         self.history = PhiHistory() if history is True else None if history is False else history
 
@@ -325,6 +336,15 @@ class VWPR(nn.Module):
     def extra_repr(self) -> str:
         state = "" if self.gated else ", removed"
         return f"gated {len(self._gated_names)} layers{state}"
+
+
+def _check_loaded_phi(module: VWPR, state_dict, prefix: str, *args) -> None:
+    # Checked on the wrapper, before the model's own weights are loaded: a NaN or ≤ 0 ϕ in a
+    # checkpoint raises with nothing changed, instead of scaling every gradient by it.
+    start = prefix + "gilding_weights."
+    for key, value in state_dict.items():
+        if key.startswith(start):
+            require_valid_phi(f"{key} in the loaded state_dict", value)
 
 
 def _select_layers(
