@@ -32,6 +32,9 @@ def as_number(name: str, value: Any) -> float:
     (a flag passed in the wrong place), strings, None, sequences, complex numbers, values that
     overflow a float (``10**400``) and NaN/inf.
     """
+    if type(value) is float:  # the common case first, without the ABC checks below
+        require(math.isfinite(value), name, value, "must be a finite number")
+        return value
     if isinstance(value, torch.Tensor):
         require(value.numel() == 1, name, value, "a tensor must have one element")
         require(not (value.dtype == torch.bool or value.is_complex()), name, value,
@@ -74,7 +77,8 @@ def require_positive_representable(name: str, value: float, dtypes: Iterable[tor
                 f"must be >= {finfo.tiny:.4g}, the smallest normal {str(dtype)[6:]} "
                 "(the dtype ϕ is kept in)")
         require(value <= finfo.max, name, value,
-                f"must be <= {finfo.max:.4g}, the largest {str(dtype)[6:]} (the dtype ϕ is kept in)")
+                f"must be <= {finfo.max:.4g}, the largest {str(dtype)[6:]} "
+                "(the dtype ϕ is kept in)")
 
 
 def validate_gilding(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = ()) -> None:

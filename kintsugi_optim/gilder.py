@@ -110,7 +110,8 @@ class GilderOptimizer(Optimizer):
             foreach=foreach,
         )
         # An attribute, not a group option: a ProcessGroup cannot go into a state_dict.
-        require(process_group is None or isinstance(process_group, getattr(dist, "ProcessGroup", ())),
+        process_group_type = getattr(dist, "ProcessGroup", ())  # () where distributed is absent
+        require(process_group is None or isinstance(process_group, process_group_type),
                 "process_group", process_group,
                 "must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
                 "or None")

@@ -40,6 +40,7 @@ from kintsugi_optim.functional import (
 __all__ = ["KintsugiOptimizer", "Sculptor"]
 
 _MISSING = object()
+_PLAIN_TYPES = (float, int, bool, str, type(None), list, Tensor)  # not numpy, Fraction
 
 _DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -84,30 +85,16 @@ def _validate_group(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = (
     """Every hyperparameter of ``group`` (complete: every key of ``_DEFAULTS``), raising a
     ValueError that names the argument and value. ``phi_dtypes``: the dtypes of the group's ϕ,
     which ``phi_min`` and ``phi_init`` must fit."""
-    lr = group["lr"]
-    require_nonnegative("lr", lr)
-    base = group["base"]
-    require_choice("base", base, BASES)
-    _require_scalar_tensor_fits(group, "lr", lr, base)
-    betas = group["betas"]
-    require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
-            "must be a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        require(require_nonnegative(f"betas[{i}]", b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
-        _require_scalar_tensor_fits(group, f"betas[{i}]", b, base)
-    for name in ("eps", "momentum", "dampening", "weight_decay"):
+    require_choice("base", group["base"], BASES)
+    for name in ("eps", "dampening", "weight_decay"):
         require_nonnegative(name, group[name])
     for name in ("amsgrad", "nesterov", "maximize", "capturable", "differentiable"):
         require(isinstance(group[name], bool), name, group[name], "must be True or False")
     for name in ("foreach", "fused"):
         require(group[name] is None or isinstance(group[name], bool), name, group[name],
                 "must be True, False or None")
-    if group["nesterov"]:
-        require(
-            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
-            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
-            f"dampening={group['dampening']!r}",
-        )
+    for check in _SCHEDULED.values():
+        check(group)
     phi_dtypes = tuple(phi_dtypes)
     validate_gilding(group, phi_dtypes)
     phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
@@ -124,6 +111,35 @@ def _validate_group(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = (
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if group["differentiable"]:
             raise RuntimeError("`fused` does not support `differentiable`")
+
+
+def _check_lr(group: dict[str, Any]) -> None:
+    require_nonnegative("lr", group["lr"])
+    _require_scalar_tensor_fits(group, "lr", group["lr"], group["base"])
+
+
+def _check_betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
+            "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        require(require_nonnegative(f"betas[{i}]", b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
+        _require_scalar_tensor_fits(group, f"betas[{i}]", b, group["base"])
+
+
+def _check_momentum(group: dict[str, Any]) -> None:
+    require_nonnegative("momentum", group["momentum"])
+    if group["nesterov"]:
+        require(
+            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
+            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
+            f"dampening={group['dampening']!r}",
+        )
+
+
+# The options schedulers change every step (LRScheduler: lr; OneCycleLR and CyclicLR: betas
+# or momentum): a change of these alone re-checks only them.
+_SCHEDULED = {"lr": _check_lr, "betas": _check_betas, "momentum": _check_momentum}
 
 
 def _require_scalar_tensor_fits(group: dict[str, Any], name: str, value: Any, base: str) -> None:
@@ -145,12 +161,17 @@ def _plain_numbers_(group: dict[str, Any]) -> None:
     """numpy and Fraction hyperparameters become Python floats in place (the kernels and
     ``_foreach_`` ops take Python numbers and tensors only); None weight_decay is the rule's
     default, as in the constructor."""
+    # Values are replaced only where they change, so the identity check of _check_group
+    # sees an unchanged group as unchanged.
     for key, value in group.items():
         if key == "betas" and isinstance(value, (tuple, list)):
-            group[key] = tuple(plain_number(b) for b in value)
-        elif key != "params":
+            plain = tuple(plain_number(b) for b in value)
+            if any(a is not b for a, b in zip(plain, value)):
+                group[key] = plain
+        elif key != "params" and type(value) not in _PLAIN_TYPES:
             group[key] = plain_number(value)
-    group["weight_decay"] = _resolved_weight_decay(group)
+    if group.get("weight_decay") is None:
+        group["weight_decay"] = _resolved_weight_decay(group)
 
 
 class KintsugiOptimizer(Optimizer):
@@ -295,11 +316,15 @@ class KintsugiOptimizer(Optimizer):
             changed = [k for k, v in group.items() if snapshot.get(k, _MISSING) is not v]
             if not changed and len(snapshot) == len(group) and len(group["params"]) == params:
                 return
-            if changed == ["lr"] and len(snapshot) == len(group) and len(group["params"]) == params:
-                _plain_numbers_(group)
-                require_nonnegative("lr", group["lr"])
-                _require_scalar_tensor_fits(group, "lr", group["lr"], group["base"])
-                snapshot["lr"] = group["lr"]
+            if (all(k in _SCHEDULED for k in changed) and len(snapshot) == len(group)
+                    and len(group["params"]) == params):
+                for key in changed:
+                    value = group[key]
+                    if type(value) not in _PLAIN_TYPES:
+                        group[key] = (tuple(map(plain_number, value)) if key == "betas"
+                                      and isinstance(value, (tuple, list)) else plain_number(value))
+                    _SCHEDULED[key](group)
+                    snapshot[key] = group[key]
                 return
         for key, default in {**_DEFAULTS, **getattr(self, "_other_rule_options", {})}.items():
             if key not in group:
