@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable
@@ -32,9 +33,11 @@ def as_number(name: str, value: Any) -> float:
     (a flag passed in the wrong place), strings, None, sequences, complex numbers, values that
     overflow a float (``10**400``) and NaN/inf.
     """
-    if type(value) is float:  # the common case first, without the ABC checks below
+    if type(value) is float:  # the common cases first, without the ABC checks below
         require(math.isfinite(value), name, value, "must be a finite number")
         return value
+    if type(value) is int and -(2**1000) < value < 2**1000:
+        return float(value)
     if isinstance(value, torch.Tensor):
         require(value.numel() == 1, name, value, "a tensor must have one element")
         require(not (value.dtype == torch.bool or value.is_complex()), name, value,
@@ -69,10 +72,15 @@ def require_nonnegative(name: str, value: Any) -> float:
     return number
 
 
+@functools.cache
+def _finfo(dtype: torch.dtype) -> torch.finfo:
+    return torch.finfo(dtype)  # a few µs a call, and a group check makes several
+
+
 def require_positive_representable(name: str, value: float, dtypes: Iterable[torch.dtype]) -> None:
     """``value`` (> 0) neither rounds to 0 or a subnormal nor overflows in any ϕ dtype."""
     for dtype in dtypes:
-        finfo = torch.finfo(dtype)
+        finfo = _finfo(dtype)
         require(value >= finfo.tiny, name, value,
                 f"must be >= {finfo.tiny:.4g}, the smallest normal {str(dtype)[6:]} "
                 "(the dtype ϕ is kept in)")
