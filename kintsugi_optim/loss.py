@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kintsugi_optim._validation import (
+    as_number,
     require,
     require_choice,
     require_nonnegative,
@@ -68,9 +69,9 @@ class GildedLoss(nn.Module):
         require(isinstance(num_groups, int) and not isinstance(num_groups, bool)
                 and num_groups >= 1, "num_groups", num_groups, "must be an int >= 1")
         require_choice("reduction", reduction, REDUCTIONS)
-        require(isinstance(phi_init, (int, float)) and not isinstance(phi_init, bool)
-                and math.isfinite(phi_init) and phi_init > 0,
-                "phi_init", phi_init, "must be a finite number > 0")
+        # numpy and Fraction numbers too, as for every hyperparameter
+        require(as_number("phi_init", phi_init) > 0, "phi_init", phi_init,
+                "must be a finite number > 0")
         require_positive_representable("phi_init", float(phi_init), [torch.get_default_dtype()])
         self.num_groups = num_groups
         self.reduction = reduction

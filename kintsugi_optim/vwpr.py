@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from kintsugi_optim._validation import (
+    as_number,
     require,
     require_positive_representable,
     require_valid_phi,
@@ -192,9 +193,9 @@ class VWPR(nn.Module):
     ) -> None:
         super().__init__()
         require(isinstance(model, nn.Module), "model", type(model).__name__, "must be an nn.Module")
-        require(isinstance(phi_init, (int, float)) and not isinstance(phi_init, bool)
-                and math.isfinite(phi_init) and phi_init > 0,
-                "phi_init", phi_init, "must be a finite number > 0")
+        # numpy and Fraction numbers too, as for every hyperparameter
+        require(as_number("phi_init", phi_init) > 0, "phi_init", phi_init,
+                "must be a finite number > 0")
         require(isinstance(history, (bool, PhiHistory)), "history", history,
                 "must be True, False or a PhiHistory")
         selected = _select_layers(model, layers)  # every check before the first hook

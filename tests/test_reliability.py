@@ -300,6 +300,9 @@ def test_numpy_and_fraction_hyperparameters_are_numbers(lr):
         b.step()
     assert torch.equal(p, q)
     GilderOptimizer([torch.ones(2)], beta=Fraction(1, 100), lr=np.float32(1.0))
+    assert torch.equal(GildedLoss(2, phi_init=np.float32(0.5)).phi.detach(), torch.full((2,), 0.5))
+    vwpr = VWPR(nn.Linear(2, 3), phi_init=Fraction(1, 2))
+    assert all(torch.equal(phi, torch.full((3,), 0.5)) for phi in vwpr.phi().values())
 
 
 @pytest.mark.parametrize("kwargs,match", [
