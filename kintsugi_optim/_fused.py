@@ -175,6 +175,7 @@ def fused_sculpt(
     grads = [g.contiguous() if _has_internal_overlap(g) else g for g in grads]
     # A parameter listed more than once steps once per listing, as torch's fused Adam does:
     # rounds that each hold a parameter at most once, so no two threads write the same θ.
+    # (Under pathway="tensor" the repeats of a round are then gilded as a scope of their own.)
     rounds = _rounds(params)
     repeats = _repeats(params) if len(rounds) > 1 else {}
     state = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers]
