@@ -250,15 +250,16 @@ class KintsugiOptimizer(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
+        # betas=0.9 must fail by name here, not as tuple()'s TypeError below (the tensor rules
+        # are checked with the group in add_param_group)
+        _check_betas({"betas": betas, "foreach": False, "capturable": False, "base": base})
         defaults = dict(
-            lr=lr, base=base, eps=eps, amsgrad=amsgrad, momentum=momentum,
+            lr=lr, base=base, betas=tuple(betas), eps=eps, amsgrad=amsgrad, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, beta=beta,
             gamma=gamma, l1=l1, phi_init=phi_init, phi_min=phi_min, phi_max=phi_max,
             pathway=pathway, fracture=fracture, phi_norm=phi_norm, ascent=ascent,
             positivity=positivity, maximize=maximize, foreach=foreach, fused=fused,
             capturable=capturable, differentiable=differentiable,
-            # a pair of any sequence type is kept as a tuple; anything else is reported by name
-            betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas,
         )
         # (An unknown base keeps every option here; add_param_group reports it.)
         own = _RULE_OPTIONS.get(base, tuple(defaults))
