@@ -10,7 +10,6 @@ through autograd itself, ready for a :class:`~kintsugi_optim.GilderOptimizer`.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
