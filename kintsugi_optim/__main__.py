@@ -1,14 +1,19 @@
 """``python -m kintsugi_optim demo`` (also the ``kintsugi-demo`` command): the main job.
 
 Bad input (unknown task, non-positive steps or seeds, an unwritable ``--out``, ``--device cuda``
-without a GPU) ends with one line on stderr naming the problem and exit code 2.
+without a GPU) and a failed write (a full disk) end with one line on stderr naming the problem
+and exit code 2; Ctrl-C ends with exit code 130. Files are written under a temporary name and
+renamed, so none is ever left truncated under its final name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,9 +116,26 @@ def demo(args) -> int:
     print(text)
     meta = {"command": command.strip(), "seeds": args.seeds, "steps": steps,
             "device": device.type, **study.environment()}
-    written = study.write_outputs(results, tasks, out, markdown, meta)
+    written = _write_atomically(out, lambda folder: study.write_outputs(
+        results, tasks, folder, markdown, meta))
     print(f"\nWrote {', '.join(p.name for p in written)} to {out}/")
     return 0
+
+
+def _write_atomically(out: Path, write) -> list[Path]:
+    """``write(folder)`` into a hidden folder inside ``out``, then each file renamed into
+    ``out``: a full disk or a Ctrl-C leaves every file under its final name whole (the old one
+    or the new one), never truncated. The hidden folder is removed whatever happens."""
+    staging = Path(tempfile.mkdtemp(prefix=".kintsugi-demo-", dir=out))
+    try:
+        written = []
+        for path in write(staging):
+            target = out / path.name
+            os.replace(path, target)  # atomic on one file system
+            written.append(target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"kintsugi-demo: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a folder removed under us: one line, not a trace
+        where = f": {error.filename}" if error.filename else ""
+        print(f"kintsugi-demo: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkintsugi-demo: interrupted; no file was left half-written", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

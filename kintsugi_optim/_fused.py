@@ -169,6 +169,15 @@ def fused_sculpt(
             if buf is None:
                 momentum_buffers[i] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
         buffers = list(momentum_buffers)
+    # A gradient whose elements share memory (``expand``ed, stride 0) steps as a dense copy:
+    # the kernels write the unscaled gradient back, which such a tensor cannot take. (Under
+    # GradScaler its .grad then keeps the scale, as after any step that is not unscale_'s.)
+    grads = [g.contiguous() if _has_internal_overlap(g) else g for g in grads]
+    # A parameter listed more than once steps once per listing, as torch's fused Adam does:
+    # rounds that each hold a parameter at most once, so no two threads write the same θ.
+    # (Under pathway="tensor" the repeats of a round are then gilded as a scope of their own.)
+    rounds = _rounds(params)
+    repeats = _repeats(params) if len(rounds) > 1 else {}
     state = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers]
     if any(p.is_complex() for p in params):  # every real component is a pathway
         state = [[_real(t) for t in tensors] for tensors in state]
@@ -184,21 +193,72 @@ def fused_sculpt(
     lists = (params, grads, phis, rhos or [], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, buffers,
              fresh_momentum, state_steps)
     for device in devices:
-        if len(devices) == 1:
-            device_lists = lists
-        else:
-            keep = [i for i, p in enumerate(params) if p.device == device]
-            device_lists = tuple([t[i] for i in keep] if t else t for t in lists)
-        if device.type == "cpu":
-            _cpu_kernel()(
-                *device_lists, grad_scale, found_inf,
-                lr=lr.item() if isinstance(lr, Tensor) else lr, **options,
-            )
-        else:
-            try:
-                from kintsugi_optim._fused_cuda import fused_sculpt_cuda
-            except ImportError as error:
-                raise RuntimeError(
-                    "KintsugiOptimizer(fused=True) on CUDA runs Triton kernels: pip install triton"
-                ) from error
-            fused_sculpt_cuda(*device_lists, grad_scale, found_inf, lr=lr, **options)
+        for round_index, members in enumerate(rounds):
+            if len(devices) == 1 and len(rounds) == 1:
+                device_lists = lists
+            else:
+                keep = [i for i in members if params[i].device == device]
+                if not keep:
+                    continue
+                device_lists = tuple([t[i] for i in keep] if t else t for t in lists)
+                if base != "sgd":
+                    _count_repeats_(state_steps, keep, repeats, round_index, found_inf)
+            # A repeated gradient is unscaled in place by the first round only.
+            scale = grad_scale if round_index == 0 else None
+            if device.type == "cpu":
+                _cpu_kernel()(
+                    *device_lists, scale, found_inf,
+                    lr=lr.item() if isinstance(lr, Tensor) else lr, **options,
+                )
+            else:
+                try:
+                    from kintsugi_optim._fused_cuda import fused_sculpt_cuda
+                except ImportError as error:
+                    raise RuntimeError(
+                        "KintsugiOptimizer(fused=True) on CUDA runs Triton kernels: pip install "
+                        "triton"
+                    ) from error
+                fused_sculpt_cuda(*device_lists, scale, found_inf, lr=lr, **options)
+
+
+def _has_internal_overlap(t: Tensor) -> bool:
+    # torch's MemOverlap::Yes (1): some elements share memory; 2 ("too hard") is dense enough
+    # for the kernels' copies.
+    return 0 in t.stride() and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1
+
+
+def _rounds(params: list[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` in rounds: the k-th listing of each tensor in round k."""
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        k = seen[id(p)] = seen.get(id(p), -1) + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+    return rounds
+
+
+def _repeats(params: list[Tensor]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for p in params:
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return {i: counts[id(p)] for i, p in enumerate(params) if counts[id(p)] > 1}
+
+
+def _count_repeats_(
+    state_steps: list[Tensor], keep: list[int], repeats: dict[int, int], round_index: int,
+    found_inf: Tensor | None,
+) -> None:
+    """torch's fused and foreach Adam add 1 to a parameter's step once per listing, then step
+    every listing with the final count t + c. The kernels add 1 and step with it, so a step
+    listed c times is set to t + c − 1 before each round."""
+    for i in keep:
+        c = repeats.get(i)
+        if c is not None:
+            delta = c - 1 if round_index == 0 else -1
+            if found_inf is None:
+                state_steps[i].add_(delta)
+            else:  # a skipped step leaves the count alone, decided on the device
+                step = state_steps[i]
+                step.add_((found_inf.to(step.device) == 0).to(step.dtype) * delta)

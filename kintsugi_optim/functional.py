@@ -350,8 +350,16 @@ def _single_tensor_gild(
 def _fold_tensor_rate_(u: Tensor | list[Tensor], beta: float | Tensor) -> float:
     """The rate to apply as a scalar. A tensor β (the Gilder's β·lr with a tensor lr) is
     multiplied into u here instead, since a tensor ``alpha`` would cost a host sync."""
+    tensors = [u] if isinstance(u, Tensor) else u
     if not isinstance(beta, Tensor):
-        return beta
+        if not tensors or abs(beta) <= torch.finfo(tensors[0].dtype).max:
+            return beta
+        # β·lr beyond ϕ's dtype (float16: 65504) cannot be an `alpha`, and as a foreach scalar it
+        # would round to inf, making 0·inf = NaN; a per-tensor multiply takes it in float, so
+        # 0 stays 0 and the rest saturates to ±inf, which the clamp to the cap then handles.
+        for t in tensors:
+            t.mul_(beta)
+        return 1.0
     if isinstance(u, Tensor):
         u.mul_(beta)
     else:
@@ -740,7 +748,7 @@ def _multi_tensor_sculpt(
         return
     if differentiable:
         raise AssertionError("_foreach ops don't support autograd")
-    if isinstance(lr, Tensor) and not capturable:
+    if isinstance(lr, Tensor) and not capturable and base != "sgd":  # torch's SGD takes it
         raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
     if not torch.compiler.is_compiling() and capturable and base != "sgd":
         supported = _get_capturable_supported_devices(supports_xla=False)

@@ -13,7 +13,13 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from kintsugi_optim._compat import _flatten_dense_tensors, _unflatten_dense_tensors
-from kintsugi_optim._validation import require_choice, require_nonnegative, validate_gilding
+from kintsugi_optim._validation import (
+    plain_number,
+    require,
+    require_choice,
+    require_nonnegative,
+    validate_gilding,
+)
 from kintsugi_optim.functional import FRACTURES, gilder_step, softplus_inverse
 
 __all__ = ["GilderOptimizer", "Gilder"]
@@ -31,6 +37,16 @@ _DEFAULTS: dict[str, Any] = dict(
     positivity="clamp",
     foreach=None,
 )
+
+_MISSING = object()
+
+
+def _validate_group(group: dict[str, Any], phi_dtypes=()) -> None:
+    require_nonnegative("lr", group["lr"])
+    require_choice("fracture", group["fracture"], FRACTURES)
+    require(group["foreach"] is None or isinstance(group["foreach"], bool), "foreach",
+            group["foreach"], "must be True, False or None")
+    validate_gilding(group, phi_dtypes)
 
 
 class GilderOptimizer(Optimizer):
@@ -94,16 +110,20 @@ class GilderOptimizer(Optimizer):
             foreach=foreach,
         )
         # An attribute, not a group option: a ProcessGroup cannot go into a state_dict.
+        process_group_type = getattr(dist, "ProcessGroup", ())  # () where distributed is absent
+        require(process_group is None or isinstance(process_group, process_group_type),
+                "process_group", process_group,
+                "must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
+                "or None")
         self.process_group = process_group
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         candidate = {**self.defaults, **param_group}
-        require_nonnegative("lr", candidate["lr"])
-        require_choice("fracture", candidate["fracture"], FRACTURES)
-        validate_gilding(candidate)
+        _validate_group(candidate)
         super().add_param_group(param_group)
-        for phi in self.param_groups[-1]["params"]:
+        group = self.param_groups[-1]
+        for phi in group["params"]:
             problem = (
                 f"dtype {phi.dtype}: gilding weights must be floating point"
                 if not phi.is_floating_point()
@@ -114,6 +134,30 @@ class GilderOptimizer(Optimizer):
             if problem:
                 self.param_groups.pop()  # leave the optimizer as it was
                 raise ValueError(f"Invalid phi: tensor of shape {tuple(phi.shape)} has {problem}")
+        try:
+            self._check_group(group)  # phi_min against the ϕ dtypes
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate ``group`` again when one of its values changed since it was last checked
+        (an edit of ``param_groups``, a scheduler, a loaded checkpoint): values are compared by
+        identity, so an unchanged group costs one pass over its keys."""
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        seen = checked.get(id(group))
+        if (seen is not None and seen[0] is group and len(seen[1]) == len(group)
+                and all(seen[1].get(k, _MISSING) is v for k, v in group.items())
+                and seen[2] == len(group["params"])):
+            return
+        for key, value in group.items():
+            if key != "params":
+                group[key] = plain_number(value)
+        _validate_group(group, {phi.dtype for phi in group["params"] if phi.is_floating_point()})
+        live = {id(g) for g in self.param_groups}
+        for key in [k for k in checked if k not in live]:
+            del checked[key]
+        checked[id(group)] = (group, dict(group), len(group["params"]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -139,6 +183,8 @@ class GilderOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if not isinstance(found_inf, Tensor):
             found_inf = None
+        for group in self.param_groups:  # every check before any ϕ changes
+            self._check_group(group)
         groups = [self._init_group(group) for group in self.param_groups]
         grads = [g for _, group_grads, _ in groups for g in group_grads]
         if grad_scale is not None and grads:

@@ -14,7 +14,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kintsugi_optim._validation import require, require_choice, require_nonnegative
+from kintsugi_optim._validation import (
+    as_number,
+    require,
+    require_choice,
+    require_nonnegative,
+    require_positive_representable,
+    require_valid_phi,
+)
 from kintsugi_optim.functional import phi_dtype
 from kintsugi_optim.gilder import GilderOptimizer
 
@@ -64,9 +71,10 @@ class GildedLoss(nn.Module):
         require(isinstance(num_groups, int) and not isinstance(num_groups, bool)
                 and num_groups >= 1, "num_groups", num_groups, "must be an int >= 1")
         require_choice("reduction", reduction, REDUCTIONS)
-        require(isinstance(phi_init, (int, float)) and not isinstance(phi_init, bool)
-                and math.isfinite(phi_init) and phi_init > 0,
-                "phi_init", phi_init, "must be a finite number > 0")
+        # numpy and Fraction numbers too, as for every hyperparameter
+        require(as_number("phi_init", phi_init) > 0, "phi_init", phi_init,
+                "must be a finite number > 0")
+        require_positive_representable("phi_init", float(phi_init), [torch.get_default_dtype()])
         self.num_groups = num_groups
         self.reduction = reduction
         # A buffer that requires grad, not an nn.Parameter: a model holding this criterion hands
@@ -74,12 +82,17 @@ class GildedLoss(nn.Module):
         # still saved by state_dict() and moved by .to(); autograd fills phi.grad for the Gilder.
         self.register_buffer("phi", torch.full((num_groups,), float(phi_init)).requires_grad_())
         if adjustment is not None:
-            adjustment = torch.as_tensor(adjustment, dtype=self.phi.dtype).detach().clone()
+            try:
+                adjustment = torch.as_tensor(adjustment, dtype=self.phi.dtype).detach().clone()
+            except (TypeError, ValueError, RuntimeError):
+                require(False, "adjustment", adjustment,
+                        f"must be a tensor or sequence of {num_groups} finite numbers")
             require(adjustment.shape == (num_groups,) and bool(adjustment.isfinite().all()),
                     "adjustment", adjustment.tolist() if adjustment.numel() <= 8 else
                     f"tensor of shape {tuple(adjustment.shape)}",
                     f"must be finite with shape [num_groups] = [{num_groups}]")
         self.register_buffer("adjustment", adjustment)
+        self.register_load_state_dict_pre_hook(_check_loaded_phi)
 
     def forward(self, losses: Tensor, groups: Tensor) -> Tensor:
         """Gilded loss of a batch: ``losses`` [B] floating, ``groups`` [B] integer ids."""
@@ -169,11 +182,19 @@ def group_dro(
         loss = criterion(F.cross_entropy(model(x), y, reduction="none"), g)
         opt.zero_grad(); gilder.zero_grad(); loss.backward(); opt.step(); gilder.step()
     """
-    require_nonnegative("step_size", step_size)
+    step_size = require_nonnegative("step_size", step_size)
+    require(math.isfinite(step_size * num_groups) if isinstance(num_groups, int) else True,
+            "step_size", step_size, "step_size·num_groups (the Gilder's beta) must be finite")
     loss = GildedLoss(num_groups, "mean", adjustment=adjustment)
     gilder = GilderOptimizer([loss.phi], beta=step_size * num_groups, ascent="multiplicative",
                              phi_norm="mean")
     return loss, gilder
+
+
+def _check_loaded_phi(module, state_dict, prefix, *args) -> None:
+    # A NaN or ≤ 0 ϕ in a checkpoint would silently poison every later loss and step.
+    if prefix + "phi" in state_dict:
+        require_valid_phi(f"{prefix}phi in the loaded state_dict", state_dict[prefix + "phi"])
 
 
 def _invalid(name: str, value: object, rule: str) -> None:

@@ -4,6 +4,7 @@ is scaled per pathway by a gilding weight ϕ that rises with that pathway's erro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,9 +18,12 @@ from kintsugi_optim._compat import (
 )
 
 from kintsugi_optim._validation import (
+    plain_number,
     require,
     require_choice,
     require_nonnegative,
+    require_positive_representable,
+    require_valid_phi,
     validate_gilding,
 )
 from kintsugi_optim.functional import (
@@ -34,6 +38,9 @@ from kintsugi_optim.functional import (
 )
 
 __all__ = ["KintsugiOptimizer", "Sculptor"]
+
+_MISSING = object()
+_PLAIN_TYPES = (float, int, bool, str, type(None), list, Tensor)  # not numpy, Fraction
 
 _DEFAULTS: dict[str, Any] = dict(
     lr=1e-3,
@@ -74,31 +81,29 @@ _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    lr = group["lr"]
-    require_nonnegative("lr", lr)
-    if isinstance(lr, Tensor) and group["foreach"] and not group["capturable"]:
-        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+def _validate_group(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = ()) -> None:
+    """Every hyperparameter of ``group`` (complete: every key of ``_DEFAULTS``), raising a
+    ValueError that names the argument and value. ``phi_dtypes``: the dtypes of the group's ϕ,
+    which ``phi_min`` and ``phi_init`` must fit."""
     require_choice("base", group["base"], BASES)
-    betas = group["betas"]
-    require(len(betas) == 2, "betas", betas, "must be a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        require_nonnegative(f"betas[{i}]", b)
-        require(float(b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
-    for name in ("eps", "momentum", "dampening", "weight_decay"):
+    for name in ("eps", "dampening", "weight_decay"):
         require_nonnegative(name, group[name])
-    if group["nesterov"]:
-        require(
-            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
-            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
-            f"dampening={group['dampening']!r}",
-        )
-    validate_gilding(group)
+    for name in ("amsgrad", "nesterov", "maximize", "capturable", "differentiable"):
+        require(isinstance(group[name], bool), name, group[name], "must be True or False")
+    for name in ("foreach", "fused"):
+        require(group[name] is None or isinstance(group[name], bool), name, group[name],
+                "must be True, False or None")
+    for check in _SCHEDULED.values():
+        check(group)
+    phi_dtypes = tuple(phi_dtypes)
+    validate_gilding(group, phi_dtypes)
     phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
-    require_nonnegative("phi_init", phi_init)
-    require(phi_init >= phi_min, "phi_init", phi_init, f"must be >= phi_min={phi_min!r}")
+    require(require_nonnegative("phi_init", phi_init) >= float(phi_min), "phi_init", phi_init,
+            f"must be >= phi_min={phi_min!r}")
+    require_positive_representable("phi_init", float(phi_init), phi_dtypes)
     if phi_max is not None:
-        require(phi_max >= phi_init, "phi_max", phi_max, f"must be >= phi_init={phi_init!r}")
+        require(float(phi_max) >= float(phi_init), "phi_max", phi_max,
+                f"must be >= phi_init={phi_init!r}")
     require_choice("pathway", group["pathway"], PATHWAYS)
     require_choice("fracture", group["fracture"], FRACTURES)
     if group["fused"]:
@@ -106,6 +111,67 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if group["differentiable"]:
             raise RuntimeError("`fused` does not support `differentiable`")
+
+
+def _check_lr(group: dict[str, Any]) -> None:
+    require_nonnegative("lr", group["lr"])
+    _require_scalar_tensor_fits(group, "lr", group["lr"], group["base"])
+
+
+def _check_betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
+            "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        require(require_nonnegative(f"betas[{i}]", b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
+        _require_scalar_tensor_fits(group, f"betas[{i}]", b, group["base"])
+
+
+def _check_momentum(group: dict[str, Any]) -> None:
+    require_nonnegative("momentum", group["momentum"])
+    if group["nesterov"]:
+        require(
+            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
+            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
+            f"dampening={group['dampening']!r}",
+        )
+
+
+# The options schedulers change every step (LRScheduler: lr; OneCycleLR and CyclicLR: betas
+# or momentum): a change of these alone re-checks only them.
+_SCHEDULED = {"lr": _check_lr, "betas": _check_betas, "momentum": _check_momentum}
+
+
+def _require_scalar_tensor_fits(group: dict[str, Any], name: str, value: Any, base: str) -> None:
+    # torch's rule: the foreach Adam step takes lr and betas as Python numbers unless capturable
+    # (SGD's foreach step takes a tensor lr as it is); raised here rather than mid-step.
+    if isinstance(value, Tensor) and group["foreach"] and not group["capturable"]:
+        if name == "lr" and base == "sgd":
+            return
+        raise ValueError(
+            f"Invalid {name}: {value!r} (a Tensor is not supported for capturable=False and "
+            "foreach=True)")
+
+
+def _phi_dtypes(group: dict[str, Any]) -> set[torch.dtype]:
+    return {phi_dtype(p) for p in group["params"] if p.is_floating_point() or p.is_complex()}
+
+
+def _plain_numbers_(group: dict[str, Any]) -> None:
+    """numpy and Fraction hyperparameters become Python floats in place (the kernels and
+    ``_foreach_`` ops take Python numbers and tensors only); None weight_decay is the rule's
+    default, as in the constructor."""
+    # Values are replaced only where they change, so the identity check of _check_group
+    # sees an unchanged group as unchanged.
+    for key, value in group.items():
+        if key == "betas" and isinstance(value, (tuple, list)):
+            plain = tuple(plain_number(b) for b in value)
+            if any(a is not b for a, b in zip(plain, value)):
+                group[key] = plain
+        elif key != "params" and type(value) not in _PLAIN_TYPES:
+            group[key] = plain_number(value)
+    if group.get("weight_decay") is None:
+        group["weight_decay"] = _resolved_weight_decay(group)
 
 
 class KintsugiOptimizer(Optimizer):
@@ -184,6 +250,9 @@ class KintsugiOptimizer(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
+        # betas=0.9 must fail by name here, not as tuple()'s TypeError below (the tensor rules
+        # are checked with the group in add_param_group)
+        _check_betas({"betas": betas, "foreach": False, "capturable": False, "base": base})
         defaults = dict(
             lr=lr, base=base, betas=tuple(betas), eps=eps, amsgrad=amsgrad, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, beta=beta,
@@ -205,13 +274,17 @@ class KintsugiOptimizer(Optimizer):
         # leaves a half-added group behind.
         other_rule_options = getattr(self, "_other_rule_options", {})
         candidate = {**other_rule_options, **self.defaults, **param_group}
-        candidate["weight_decay"] = _resolved_weight_decay(candidate)
+        _plain_numbers_(candidate)
         _validate_group(candidate)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key, value in other_rule_options.items():
             group.setdefault(key, value)
-        group["weight_decay"] = candidate["weight_decay"]
+        try:
+            self._check_group(group)  # now with ϕ's dtypes, known from the params
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -219,6 +292,50 @@ class KintsugiOptimizer(Optimizer):
             for key, default in _DEFAULTS.items():
                 group.setdefault(key, default)
             group["weight_decay"] = _resolved_weight_decay(group)
+            for p in group["params"]:
+                # torch.optim.Adam's back-fill: a `step` saved as a plain number (older torch, a
+                # hand-made checkpoint) becomes the tensor every path counts in.
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    fused_like = group["capturable"] or group["fused"]
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                        device=p.device if fused_like else None)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate ``group`` if any of its values changed since it was last validated (an edit
+        of ``param_groups``, a scheduler, a loaded checkpoint), so a bad value raises a
+        ValueError before any state changes instead of silently running something else.
+
+        Values are compared by identity: a step with nothing changed costs one pass over the
+        group's keys; a scheduler's new ``lr`` re-checks only ``lr``.
+        """
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        seen = checked.get(id(group))
+        if seen is not None and seen[0] is group:
+            snapshot, params = seen[1], seen[2]
+            changed = [k for k, v in group.items() if snapshot.get(k, _MISSING) is not v]
+            if not changed and len(snapshot) == len(group) and len(group["params"]) == params:
+                return
+            if (all(k in _SCHEDULED for k in changed) and len(snapshot) == len(group)
+                    and len(group["params"]) == params):
+                for key in changed:
+                    value = group[key]
+                    if type(value) not in _PLAIN_TYPES:
+                        group[key] = (tuple(map(plain_number, value)) if key == "betas"
+                                      and isinstance(value, (tuple, list)) else plain_number(value))
+                    _SCHEDULED[key](group)
+                    snapshot[key] = group[key]
+                return
+        for key, default in {**_DEFAULTS, **getattr(self, "_other_rule_options", {})}.items():
+            if key not in group:
+                group[key] = default if key != "base" else self.defaults.get("base", default)
+        _plain_numbers_(group)
+        _validate_group(group, _phi_dtypes(group))
+        live = {id(g) for g in self.param_groups}
+        for key in [k for k in checked if k not in live]:
+            del checked[key]  # groups replaced by load_state_dict
+        checked[id(group)] = (group, dict(group), len(group["params"]))
 
     def _init_group(
         self,
@@ -240,10 +357,13 @@ class KintsugiOptimizer(Optimizer):
         ``torch.compile`` relies on: dynamo runs ``_init_group`` eagerly instead of tracing it,
         so ``step`` compiles to one graph.
         """
+        self._check_group(group)
         has_complex = False
         base, fused, pathway = group["base"], group["fused"], group["pathway"]
         softplus = group["positivity"] == "softplus"
         amsgrad = base != "sgd" and group["amsgrad"]
+        # Every check of the group before any of its state is created (step() runs this for
+        # every group before it steps any).
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -255,18 +375,23 @@ class KintsugiOptimizer(Optimizer):
             if p.grad.is_sparse and group["weight_decay"] != 0:
                 raise RuntimeError("sparse gradients do not take weight_decay (torch's SGD cannot "
                                    f"add a dense decay to them either); got {group['weight_decay']!r}")
-            has_complex |= p.is_complex()
-            state = self.state[p]
-            phi = state.get("phi")
-            if phi is None:  # lazy state initialization, as torch's optimizers do
+            phi = self.state[p].get("phi") if p in self.state else None
+            if phi is None:
                 if fused:
                     _device_dtype_check_for_fused(p)
-                phi = state["phi"] = new_phi(p, pathway, group["phi_init"])
             elif phi.shape != phi_shape(p, pathway):
                 raise ValueError(
                     f"Invalid pathway: {pathway!r} for a parameter of shape {tuple(p.shape)} "
                     f"whose ϕ has shape {tuple(phi.shape)} from an earlier pathway; ϕ cannot "
                     "change pathway mid-training")
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            has_complex |= p.is_complex()
+            state = self.state[p]
+            phi = state.get("phi")
+            if phi is None:  # lazy state initialization, as torch's optimizers do
+                phi = state["phi"] = new_phi(p, pathway, group["phi_init"])
             if softplus:
                 # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
                 # (a switch of positivity, an edit) is never overwritten from a stale ρ.
@@ -315,6 +440,10 @@ class KintsugiOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Every group's checks and lazy state first, then every group's step: an error in a
+        # later group (a bad value, a ϕ that cannot change pathway) leaves the earlier ones
+        # unstepped, so a retry after fixing it steps each group once.
+        prepared = []
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -329,7 +458,17 @@ class KintsugiOptimizer(Optimizer):
                 group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 momentum_buffers, state_steps,
             )
+            prepared.append((group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs,
+                             max_exp_avg_sqs, momentum_buffers, state_steps))
+        for (group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+             momentum_buffers, state_steps) in prepared:
             beta1, beta2 = group["betas"]
+            foreach, fused = group["foreach"], group["fused"]
+            if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):
+                if fused:  # the fused kernels take the betas as numbers
+                    beta1, beta2 = float(beta1), float(beta2)
+                elif foreach is None and not group["capturable"]:
+                    foreach = False  # torch's foreach Adam takes tensor betas only capturable
             sculpt(
                 params,
                 grads,
@@ -341,8 +480,8 @@ class KintsugiOptimizer(Optimizer):
                 momentum_buffers,
                 state_steps,
                 # The foreach ops take no sparse tensors: torch's SGD steps those one by one too.
-                foreach=False if any(g.is_sparse for g in grads) else group["foreach"],
-                fused=group["fused"],
+                foreach=False if any(g.is_sparse for g in grads) else foreach,
+                fused=fused,
                 grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None),
                 base=group["base"],
@@ -394,14 +533,31 @@ class KintsugiOptimizer(Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, plus: ϕ (and ρ) keep their dtype (float32
-        for bf16/fp16 parameters, where torch would cast them to the parameter's dtype), and a ϕ
-        whose shape does not fit its group's pathway raises ValueError before anything changes."""
+        """As ``torch.optim.Optimizer.load_state_dict``, plus, all checked before anything
+        changes:
+
+        * a group key the checkpoint lacks keeps this optimizer's value, so a checkpoint of
+          ``torch.optim.Adam``/``AdamW``/``SGD`` resumes with the constructor's base rule and
+          gilding options (torch's keys, ``lr``, ``betas``, ``weight_decay``…, are loaded);
+        * every loaded group is validated like a constructor argument (ValueError);
+        * a ϕ whose shape does not fit its group's pathway, or with an entry that is NaN, inf or
+          ≤ 0, raises a ValueError naming the parameter;
+        * ϕ (and ρ) keep their dtype (float32 for bf16/fp16 parameters, where torch would cast
+          them to the parameter's dtype), and a ``step`` saved as a plain number becomes a tensor.
+        """
         kept: dict[Tensor, dict[str, Tensor]] = {}
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = saved_groups = [
+                {**{k: v for k, v in group.items() if k not in ("params", "param_names")}, **saved}
+                for saved, group in zip(saved_groups, self.param_groups)
+            ]
             for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-                pathway = saved.get("pathway", _DEFAULTS["pathway"])
+                candidate = dict(saved)
+                _plain_numbers_(candidate)
+                _validate_group(candidate, _phi_dtypes(group))
+                pathway = saved["pathway"]
                 names = group.get("param_names") or [
                     f"param_groups[{g}]['params'][{i}]" for i in range(len(group["params"]))
                 ]
@@ -416,6 +572,7 @@ class KintsugiOptimizer(Optimizer):
                             f"Invalid phi for parameter {name!r}: shape {tuple(phi.shape)} does not "
                             f"fit pathway={pathway!r}, which needs {tuple(expected)}"
                         )
+                    require_valid_phi(f"phi for parameter {name!r}", phi)
                     kept[p] = {k: saved_state[k] for k in ("phi", "rho") if k in saved_state}
         super().load_state_dict(state_dict)
         for p, tensors in kept.items():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from kintsugi_optim._validation import require
+from kintsugi_optim._validation import (
+    as_number,
+    require,
+    require_positive_representable,
+    require_valid_phi,
+)
 from kintsugi_optim.functional import phi_dtype
 from kintsugi_optim.history import PhiHistory
 
@@ -231,12 +235,18 @@ class VWPR(nn.Module):
     ) -> None:
         super().__init__()
         require(isinstance(model, nn.Module), "model", type(model).__name__, "must be an nn.Module")
-        require(isinstance(phi_init, (int, float)) and not isinstance(phi_init, bool)
-                and math.isfinite(phi_init) and phi_init > 0,
-                "phi_init", phi_init, "must be a finite number > 0")
+        # numpy and Fraction numbers too, as for every hyperparameter
+        require(as_number("phi_init", phi_init) > 0, "phi_init", phi_init,
+                "must be a finite number > 0")
         require(isinstance(history, (bool, PhiHistory)), "history", history,
                 "must be True, False or a PhiHistory")
         selected, skipped = _select_layers(model, layers)  # every check before the first hook
+        phi_dtypes = set()  # phi_init must not round to 0 (or overflow) in any ϕ
+        for _, module, _ in selected:
+            weight = getattr(module, "weight", None)
+            ready = isinstance(weight, Tensor) and not isinstance(weight, UninitializedParameter)
+            phi_dtypes.add(phi_dtype(weight) if ready else torch.get_default_dtype())
+        require_positive_representable("phi_init", float(phi_init), phi_dtypes)
         self.model = model
         self.gilding_weights = _GildingWeights(float(phi_init))
         self._gated_names = [name for name, _, _ in selected]
@@ -252,6 +262,7 @@ class VWPR(nn.Module):
             self.gilding_weights.add(name, phi)
             self._handles[name] = module.register_forward_hook(
                 _Gate(self.gilding_weights, name, module))
+        self.register_load_state_dict_pre_hook(_check_loaded_phi)
         # Not `history or None`: an empty PhiHistory has len 0 and is falsy.
         self.history = PhiHistory() if history is True else None if history is False else history
         if skipped:
@@ -442,6 +453,15 @@ class VWPR(nn.Module):
     def extra_repr(self) -> str:
         state = "" if self.gated else ", removed"
         return f"gated {len(self._gated_names)} layers{state}"
+
+
+def _check_loaded_phi(module: VWPR, state_dict, prefix: str, *args) -> None:
+    # Checked on the wrapper, before the model's own weights are loaded: a NaN or ≤ 0 ϕ in a
+    # checkpoint raises with nothing changed, instead of scaling every gradient by it.
+    start = prefix + "gilding_weights."
+    for key, value in state_dict.items():
+        if key.startswith(start):
+            require_valid_phi(f"{key} in the loaded state_dict", value)
 
 
 def _select_layers(

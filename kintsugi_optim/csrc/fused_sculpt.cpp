@@ -6,7 +6,8 @@
 //
 //   element: [Σ|g| if fracture="relative"] → θ step and gilding in one loop, ϕ' stored
 //            normalised by a foreseen factor where it can be, Σϕ
-//            → [ϕ ← ϕ·(n/Σϕ) if phi_norm="mean" and mean ϕ is not within kForesight of 1]
+//            → [ϕ ← ϕ·(n/Σϕ) if phi_norm="mean" and mean ϕ is not within kForesight of 1;
+//               Σϕ summed again, plainly, where mean ϕ < 1/2 made Σ(ϕ − 1) cancel]
 //   row:     θ step accumulating each row's Σ|g| → gild the row vector ϕ
 //   tensor:  θ step accumulating Σ|g| → after every tensor, gild the group's ϕ vector
 //
@@ -14,6 +15,7 @@
 // stepped whole by one thread each (shares balanced by element count), which needs no
 // cross-thread reduction and keeps each tensor in one core's cache. The per-lane maths lives
 // in sculpt_math.h.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -99,6 +101,36 @@ Vec<T> deviation_from_one(const Vec<T>& phi) {
   return phi - Vec<T>(1);
 }
 
+// ϕ ← max(ϕ·factor, tiny) over n values (the phi_norm="mean" rescaling), re-deriving ρ;
+// returns Σ(ϕ − 1) of the result, so the caller can tell whether mean ϕ reached 1.
+template <typename T>
+double normalise(T* phi, T* rho, int64_t n, T factor) {
+  using V = Vec<T>;
+  const V f(factor);
+  const V tiny(std::numeric_limits<T>::min());
+  LaneSum<T> deviation;
+  for_each_vector_interleaved<T>(n, [&](int64_t i, int64_t count) {
+    const V out = at::vec::clamp_min(V::loadu(phi + i, count) * f, tiny);
+    out.store(phi + i, count);
+    if (rho != nullptr) {
+      softplus_inverse(out).store(rho + i, count);
+    }
+    deviation.add_first(deviation_from_one(out), count);
+  });
+  return deviation.total();
+}
+
+// Σϕ from the sum of deviations Σ(ϕ − 1), unless that sum has cancelled: where ϕ lies far below
+// 1 (every pathway clamped to a phi_min of 1e-6, say) each ϕ − 1 rounds to about −1, and n +
+// Σ(ϕ − 1) keeps none of Σϕ's digits (it reached 0, and n/Σϕ inf, at phi_min = 1e-8). Then
+// `plain_sum()` sums ϕ itself, which is exact enough there. ϕ − 1 is exact for ϕ in [1/2, 2]
+// (Sterbenz), so a mean of at least 1/2 keeps the deviations' sum accurate.
+template <typename F>
+double phi_sum_of(double deviation_sum, int64_t n, const F& plain_sum) {
+  const double sum = double(n) + deviation_sum;
+  return sum >= 0.5 * double(n) ? sum : plain_sum();
+}
+
 // f(begin, end) → partial sum over [0, n): across threads, or at once.
 template <typename F>
 double sum_over(bool parallel, int64_t n, int64_t grain, const F& f) {
@@ -153,7 +185,7 @@ void gild_vector(const Options& o, T* phi, T* rho, T* l, int64_t n) {
       (V::loadu(l + i, count) / mean).store(l + i, count);
     });
   }
-  LaneSum<T> phi_sum;
+  LaneSum<T> deviation, plain;
   for_each_vector<T>(n, [&](int64_t i, int64_t count) {
     V r = gd.softplus ? V::loadu(rho + i, count) : V(0);
     const V out = gild_lanes(gd, V::loadu(phi + i, count), V::loadu(l + i, count), r);
@@ -161,10 +193,16 @@ void gild_vector(const Options& o, T* phi, T* rho, T* l, int64_t n) {
     if (gd.softplus && !o.norm_mean) {
       softplus_inverse(out).store(rho + i, count);
     }
-    phi_sum.add_first(deviation_from_one(out), count);
+    deviation.add_first(deviation_from_one(out), count);
+    plain.add_first(out, count);
   });
   if (o.norm_mean) {
-    normalise(phi, gd.softplus ? rho : nullptr, n, static_cast<T>(double(n) / (n + phi_sum.total())));
+    T* const rho_out = gd.softplus ? rho : nullptr;
+    const double sum = phi_sum_of(deviation.total(), n, [&] { return plain.total(); });
+    const double after = double(n) + normalise(phi, rho_out, n, static_cast<T>(double(n) / sum));
+    if (std::abs(after / double(n) - 1) > kForesight<T>) {
+      normalise(phi, rho_out, n, static_cast<T>(double(n) / after));  // from a cancelled Σ
+    }
   }
 }
 
@@ -410,15 +448,32 @@ class SlotStep {
     const double phi_sum = double(n_) + sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
       return element_pass(b, e, gd, inv_mean, scale, floor);
     });
-    // Under softplus the rescaling pass also derives ρ, so it always runs.
-    if (!o_.norm_mean || (!gd.softplus && std::abs(phi_sum / double(n_) - 1) <= kForesight<T>)) {
+    if (!o_.norm_mean) {
       return;
     }
-    const T factor = static_cast<T>(double(n_) / phi_sum);  // one rounding: ϕ ≡ 1 stays 1
-    sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
-      normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
-      return 0.0;
+    double sum = phi_sum_of(phi_sum - double(n_), n_, [&] {
+      return sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) { return plain_sum(b, e); });
     });
+    // Under softplus the rescaling pass also derives ρ, so it always runs. A second pass only
+    // where the first factor came from a sum of ϕ far from 1, whose rounding exceeds kForesight.
+    for (int pass = 0; pass < 2; ++pass) {
+      if (!(gd.softplus && pass == 0) && std::abs(sum / double(n_) - 1) <= kForesight<T>) {
+        return;
+      }
+      const T factor = static_cast<T>(double(n_) / sum);  // one rounding: ϕ ≡ 1 stays 1
+      sum = double(n_) + sum_over(parallel, n_, kGrain, [&](int64_t b, int64_t e) {
+        return normalise(phi_ + b, rho_ == nullptr ? nullptr : rho_ + b, e - b, factor);
+      });
+    }
+  }
+
+  // Σϕ over [begin, end), for phi_sum_of.
+  double plain_sum(int64_t begin, int64_t end) const {
+    LaneSum<T> sum;
+    for_each_vector_interleaved<T>(end - begin, [&](int64_t i, int64_t count) {
+      sum.add(V::loadu(phi_ + begin + i, count));
+    });
+    return sum.total();
   }
 
   // The phi_norm="mean" factor n/Σϕ', foreseen before the step so that ϕ' is stored normalised
@@ -594,6 +649,14 @@ std::vector<Slot> make_slots(
     for (at::Tensor* t : {&s.exp_avg, &s.exp_avg_sq, &s.max_exp_avg_sq, &s.momentum_buffer}) {
       TORCH_CHECK(!t->defined() || (t->scalar_type() == dtype && t->sizes() == s.param.sizes()),
                   "fused_sculpt_: state of param ", i, " does not match its dtype and shape");
+    }
+    // Checked before any slot steps: a written buffer whose elements share memory (an
+    // expanded tensor) would fail only when its dense copy is written back, after the step.
+    for (at::Tensor* t : {&s.param, &s.phi, &s.rho, &s.exp_avg, &s.exp_avg_sq,
+                          &s.max_exp_avg_sq, &s.momentum_buffer}) {
+      TORCH_CHECK(!t->defined() || at::has_internal_overlap(*t) != at::MemOverlap::Yes,
+                  "fused_sculpt_: a tensor of param ", i, " has elements that share memory "
+                  "(expanded?); fused=True writes it in place");
     }
 
     // A row pathway over rows of one element (1-D params) or over a 0-d param is the element

@@ -204,19 +204,4 @@ inline Vec<T> gild_lanes(const Gilding<T>& gd, const Vec<T>& phi, const Vec<T>& 
   return at::vec::clamp(out, V(gd.phi_min), V(gd.phi_cap));
 }
 
-// ϕ ← max(ϕ·factor, tiny) over n values (the phi_norm="mean" rescaling), re-deriving ρ.
-template <typename T>
-inline void normalise(T* phi, T* rho, int64_t n, T factor) {
-  using V = Vec<T>;
-  const V f(factor);
-  const V tiny(std::numeric_limits<T>::min());
-  for_each_vector_interleaved<T>(n, [&](int64_t i, int64_t count) {
-    const V out = at::vec::clamp_min(V::loadu(phi + i, count) * f, tiny);
-    out.store(phi + i, count);
-    if (rho != nullptr) {
-      softplus_inverse(out).store(rho + i, count);
-    }
-  });
-}
-
 }  // namespace kintsugi
