@@ -1,6 +1,6 @@
 """The fused Sculptor step: ``KintsugiOptimizer(fused=True)``.
 
-One param group's whole step (SPEC §2.3) — θ moved by the base rule scaled by ϕ, the fracture
+One param group's whole step (docs/maths.md §2.3) — θ moved by the base rule scaled by ϕ, the fracture
 signal, ϕ gilded — in as few passes over memory as the maths allows:
 
 * **CPU**: a C++ kernel (``csrc/fused_sculpt.cpp``, ``at::vec`` + ``at::parallel_for``), built

@@ -187,7 +187,7 @@ def _base_step(
 @triton.jit
 def _gild(phi, l, rho, beta, gamma, l1, phi_min, cap, MULTIPLICATIVE: tl.constexpr,
           SOFTPLUS: tl.constexpr):
-    """ϕ' (clamped, before normalisation) and ρ' for fracture l (SPEC §2.2); the scalars in
+    """ϕ' (clamped, before normalisation) and ρ' for fracture l (docs/maths.md §2.2); the scalars in
     float64, rounded to ϕ's compute type here."""
     ct = phi.dtype
     beta, gamma, l1, phi_min = beta.to(ct), gamma.to(ct), l1.to(ct), phi_min.to(ct)

@@ -1,4 +1,4 @@
-r"""The maths of Kintsugi optimization as plain functions (SPEC §2).
+r"""The maths of Kintsugi optimization as plain functions (docs/maths.md §2).
 
 Three pieces, each used by every level of the package:
 
@@ -265,7 +265,7 @@ def gild(
     assume_nonnegative: bool = False,
     foreach: bool = False,
 ) -> None:
-    r"""Gild each ϕ in place with its fracture signal l (SPEC §2.2).
+    r"""Gild each ϕ in place with its fracture signal l (docs/maths.md §2.2).
 
     .. math::
         s = l \cdot \max(0, 1 - \gamma\phi), \quad u = s - \lambda \ (\text{non-finite } u \to 0)
@@ -1049,7 +1049,7 @@ def gilder_step(
     found_inf: Tensor | None = None,
     **options,
 ) -> None:
-    """Functional Gilder step (SPEC §2.4): ϕ ← gild(ϕ, l) with l = ϕ.grad (relative: scaled by
+    """Functional Gilder step (docs/maths.md §2.4): ϕ ← gild(ϕ, l) with l = ϕ.grad (relative: scaled by
     its mean |l|) and effective rate β·lr, each ϕ tensor its own scope.
 
     ``found_inf`` (from ``torch.amp.GradScaler``): where it is > 0 the step is skipped, every ϕ

@@ -1,6 +1,6 @@
 """The Gilder: :class:`GilderOptimizer`, a ``torch.optim.Optimizer`` that ascends explicit gilding
 weights ϕ (activation pathways of :class:`~kintsugi_optim.VWPR`, groups of
-:class:`~kintsugi_optim.GildedLoss`) with the shared gilding kernel (SPEC §2.4, §3.2).
+:class:`~kintsugi_optim.GildedLoss`) with the shared gilding kernel (docs/maths.md §2.4, §3.2).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ class GilderOptimizer(Optimizer):
             grads.append(phi.grad)
             if group["positivity"] == "softplus":
                 state = self.state[phi]
-                # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
+                # ρ is a function of ϕ (docs/maths.md §2.2): derived afresh, so a ϕ changed from outside
                 # (a loaded module, an edit) is never overwritten from a stale ρ.
                 state["rho"] = softplus_inverse(phi.detach())
                 rhos.append(state["rho"])

@@ -1,4 +1,4 @@
-"""PhiHistory: bounded summaries of gilding weights ϕ over training (SPEC §3.3).
+"""PhiHistory: bounded summaries of gilding weights ϕ over training (docs/maths.md §3.3).
 
 A run of a million steps and one of a hundred take the same memory: each record stores a few
 numbers and a fixed-bin histogram per layer, and when the table is full every second record is

@@ -1,5 +1,5 @@
 """The Sculptor: :class:`KintsugiOptimizer`, a ``torch.optim.Optimizer`` whose SGD/Adam/AdamW step
-is scaled per pathway by a gilding weight ϕ that rises with that pathway's error (SPEC §2.3, §3.1).
+is scaled per pathway by a gilding weight ϕ that rises with that pathway's error (docs/maths.md §2.3, §3.1).
 """
 
 from __future__ import annotations
@@ -180,11 +180,11 @@ class KintsugiOptimizer(Optimizer):
     Each step, per parameter θ with gradient g (negated first when ``maximize``):
 
     1. fracture signal l = |g| reduced to the pathway (element / row / tensor), divided by its
-       mean over the scope when ``fracture="relative"`` (SPEC §2.1);
+       mean over the scope when ``fracture="relative"`` (docs/maths.md §2.1);
     2. d = the base rule's direction exactly as ``torch.optim`` computes it;
     3. θ ← θ − lr · ϕ · d, with ϕ from *before* this step (the two streams are simultaneous);
     4. ϕ ← gild(ϕ, l): ϕ += β·l·max(0, 1 − γϕ) − β·λ, kept in [phi_min, phi_max], normalised to
-       mean 1 over the scope when ``phi_norm="mean"`` (SPEC §2.2).
+       mean 1 over the scope when ``phi_norm="mean"`` (docs/maths.md §2.2).
 
     With ``beta=0`` it is ``torch.optim.SGD``/``Adam``/``AdamW`` (bitwise on the single-tensor
     path). Every argument may be overridden per param group.
@@ -393,7 +393,7 @@ class KintsugiOptimizer(Optimizer):
             if phi is None:  # lazy state initialization, as torch's optimizers do
                 phi = state["phi"] = new_phi(p, pathway, group["phi_init"])
             if softplus:
-                # ρ is a function of ϕ (SPEC §2.2): derived afresh, so a ϕ changed from outside
+                # ρ is a function of ϕ (docs/maths.md §2.2): derived afresh, so a ϕ changed from outside
                 # (a switch of positivity, an edit) is never overwritten from a stale ρ.
                 state["rho"] = softplus_inverse(phi)
                 rhos.append(state["rho"])

@@ -1,4 +1,4 @@
-"""Sigils: pictures of the gilding weights ϕ (SPEC §3.3).
+"""Sigils: pictures of the gilding weights ϕ (docs/maths.md §3.3).
 
 * :func:`plot_phi_distribution` — a *sigil* is the distribution of one layer's ϕ at one moment: one
   histogram per layer (a bar per pathway when a layer has only a few, e.g. loss groups).

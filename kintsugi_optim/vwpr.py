@@ -1,4 +1,4 @@
-r"""VWPR: Kintsugi at the activation level (SPEC §3.3).
+r"""VWPR: Kintsugi at the activation level (docs/maths.md §3.3).
 
 :class:`VWPR` (alias ``EnhancedVWPRWrapper``) gives every output feature or channel of a model's
 ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers (its *pathways*) a gilding weight ϕ. The forward pass

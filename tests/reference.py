@@ -1,4 +1,4 @@
-"""SPEC §2 written out plainly, one element at a time where that is clearer, for the tests.
+"""docs/maths.md §2 written out plainly, one element at a time where that is clearer, for the tests.
 
 Nothing here imports kintsugi_optim: these functions are the independent reference the library is
 held against. They work on float64 tensors and favour obviousness over speed.

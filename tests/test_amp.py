@@ -1,4 +1,4 @@
-"""torch.amp.GradScaler with both optimizers (SPEC §4).
+"""torch.amp.GradScaler with both optimizers (docs/maths.md §4).
 
 The Sculptor leaves scaling to the scaler like torch's unfused optimizers (unscale_, the inf
 check, a skipped step), or, with ``fused=True``, takes ``grad_scale``/``found_inf`` into its

@@ -1,5 +1,5 @@
 """torch.compile(opt.step) on the foreach path: one graph, no graph breaks, no recompiles over
-five steps with a tensor lr and a scheduler, and the same numbers as eager (SPEC §4).
+five steps with a tensor lr and a scheduler, and the same numbers as eager (docs/maths.md §4).
 
 On the CPU the graphs are checked with the "eager"/"aot_eager" backends (dynamo's tracing and
 AOTAutograd's functionalisation, which is what a graph break or a recompile comes from) to keep

@@ -1,4 +1,4 @@
-"""Kintsugi on torch.distributed, for real: 2 ranks, gloo, 127.0.0.1 (SPEC §4, docs/distributed.md).
+"""Kintsugi on torch.distributed, for real: 2 ranks, gloo, 127.0.0.1 (docs/maths.md §4, docs/distributed.md).
 
 * DDP: θ and ϕ identical across ranks and equal to a single process on the global batch —
   the Sculptor's ϕ (optimizer state), VWPR's ϕ (buffers, which DDP broadcasts from rank 0) and

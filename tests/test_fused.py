@@ -1,4 +1,4 @@
-"""KintsugiOptimizer(fused=True) against the single-tensor reference path (SPEC §2.3).
+"""KintsugiOptimizer(fused=True) against the single-tensor reference path (docs/maths.md §2.3).
 
 One table of configurations (as torch's OptimizerInfo) drives the parity tests on every device:
 CPU in CI (the first test builds the C++ extension, about half a minute once per machine), CUDA

@@ -1,4 +1,4 @@
-"""GilderOptimizer: gradient ascent on explicit ϕ through the shared kernel (SPEC §2.4)."""
+"""GilderOptimizer: gradient ascent on explicit ϕ through the shared kernel (docs/maths.md §2.4)."""
 
 import copy
 import math

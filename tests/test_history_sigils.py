@@ -1,4 +1,4 @@
-"""PhiHistory (bounded ϕ summaries) and sigils (pictures of ϕ), SPEC §3.3."""
+"""PhiHistory (bounded ϕ summaries) and sigils (pictures of ϕ), docs/maths.md §3.3."""
 
 import json
 import sys

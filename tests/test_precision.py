@@ -1,4 +1,4 @@
-"""Low precision and complex parameters (SPEC §3.1, §4).
+"""Low precision and complex parameters (docs/maths.md §3.1, §4).
 
 * bf16/fp16 θ keep ϕ (and ρ) in float32; with beta=0 the step is torch's, bitwise on the
   single-tensor path; ϕ of a half θ is computed exactly as for a float32 θ with the same grads.

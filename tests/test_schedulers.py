@@ -1,7 +1,7 @@
 """torch.optim.lr_scheduler drives both optimizers: the Sculptor reads lr, momentum and betas
 from its group at every step (with beta=0 it then follows torch's optimizer under the same
 schedule bitwise), the Gilder's lr anneals β, a tensor lr stays a tensor, and a scheduler
-resumes with last_epoch (SPEC §4)."""
+resumes with last_epoch (docs/maths.md §4)."""
 
 import pytest
 import torch

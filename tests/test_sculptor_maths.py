@@ -1,4 +1,4 @@
-"""The Sculptor's trajectories (θ and ϕ) equal SPEC §2 written out plainly (tests/reference.py)."""
+"""The Sculptor's trajectories (θ and ϕ) equal docs/maths.md §2 written out plainly (tests/reference.py)."""
 
 import itertools
 

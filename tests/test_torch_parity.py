@@ -1,6 +1,6 @@
 """With beta=0 the Sculptor is torch's SGD / Adam / AdamW: bitwise on the single-tensor path,
 allclose(rtol=1e-6, atol=1e-7) on foreach and fused (the C++ kernel, and the CUDA path's Triton
-kernels in Triton's interpreter), for every option combination (SPEC §2.3)."""
+kernels in Triton's interpreter), for every option combination (docs/maths.md §2.3)."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""VWPR: ϕ per output feature/channel, gating the backward pass only (SPEC §3.3).
+"""VWPR: ϕ per output feature/channel, gating the backward pass only (docs/maths.md §3.3).
 
 The reference used throughout is written here in plain torch, independently of the library:
 a gate is ``a.detach() + (a - a.detach()) * ϕ_b``, whose value is exactly ``a`` and whose

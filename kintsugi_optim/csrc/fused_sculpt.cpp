@@ -1,4 +1,4 @@
-// The fused Sculptor step on CPU: torch.ops.kintsugi.fused_sculpt_ (SPEC §2.3).
+// The fused Sculptor step on CPU: torch.ops.kintsugi.fused_sculpt_ (docs/maths.md §2.3).
 //
 // One param group's step — θ moved by the base rule scaled by ϕ, the fracture signal, ϕ
 // gilded — in as few passes over memory as the maths allows, each tensor's passes run back to

@@ -1,4 +1,4 @@
-// The maths of one Sculptor step (SPEC §2.2, §2.3) on `at::vec` vectors of lanes.
+// The maths of one Sculptor step (docs/maths.md §2.2, §2.3) on `at::vec` vectors of lanes.
 //
 // Everything here is per lane and header-only, so the traversal in fused_sculpt.cpp can keep
 // a tensor's buffers in cache and the compiler sees one straight-line vector body. The
