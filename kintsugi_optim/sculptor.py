@@ -16,6 +16,8 @@ from torch.optim.optimizer import (
     ParamsT,
 )
 
+from torch.utils.weak import WeakIdKeyDictionary
+
 from kintsugi_optim._validation import (
     require,
     require_choice,
@@ -31,6 +33,7 @@ from kintsugi_optim.functional import (
     phi_shape,
     sculpt,
     softplus_inverse,
+    torch_step,
 )
 
 __all__ = ["KintsugiOptimizer", "Sculptor"]
@@ -62,6 +65,10 @@ _DEFAULTS: dict[str, Any] = dict(
     capturable=False,
     differentiable=False,
 )
+
+# With β = 0 and ϕ ≡ 1 a step is torch's own (KintsugiOptimizer._gilding_is_idle). Tests of
+# the gilding maths at β = 0 turn this off, to step through the Sculptor's own paths.
+_BETA_ZERO_SHORTCUT = True
 
 # Options that only one base rule reads. torch's schedulers learn the rule from `defaults`
 # (OneCycleLR and CyclicLR cycle `betas` when `defaults` has them, else `momentum`), so
@@ -293,6 +300,29 @@ class KintsugiOptimizer(Optimizer):
             state_steps.append(state["step"])
         return has_complex
 
+    def _gilding_is_idle(self, group: dict[str, Any], phis: list[Tensor]) -> bool:
+        """Whether this step of ``group`` is the base rule's alone: β = 0 and every ϕ still 1.
+
+        Then gilding leaves ϕ ≡ 1 as it is and ϕ·d = d, so :meth:`step` hands the step to
+        torch's own functional optimizer, at torch's cost. Whether a ϕ is all ones is checked
+        once and remembered with its version counter, which every in-place change of ϕ bumps;
+        a ϕ replaced (``load_state_dict``, by hand) is a new tensor, checked afresh.
+        """
+        beta = group["beta"]
+        if (not _BETA_ZERO_SHORTCUT or isinstance(beta, Tensor) or beta != 0 or not phis
+                or torch.compiler.is_compiling()):
+            return False
+        known = self.__dict__.setdefault("_phi_is_one", WeakIdKeyDictionary())
+        for phi in phis:
+            if type(phi) is not Tensor:  # a DTensor's check would be a collective
+                return False
+            seen = known.get(phi)
+            if seen is None or seen[0] != phi._version:
+                seen = known[phi] = (phi._version, bool((phi == 1).all()))
+            if not seen[1]:
+                return False
+        return True
+
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform one Sculptor step (θ descent and ϕ gilding together).
@@ -319,11 +349,27 @@ class KintsugiOptimizer(Optimizer):
             max_exp_avg_sqs: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
             state_steps: list[Tensor] = []
-            self._init_group(
+            has_complex = self._init_group(
                 group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 momentum_buffers, state_steps,
             )
             beta1, beta2 = group["betas"]
+            if self._gilding_is_idle(group, phis):
+                torch_step(
+                    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
+                    state_steps, base=group["base"], foreach=group["foreach"],
+                    fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=getattr(self, "found_inf", None), has_complex=has_complex,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    amsgrad=group["amsgrad"], momentum=group["momentum"],
+                    dampening=group["dampening"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    capturable=group["capturable"], differentiable=group["differentiable"],
+                )
+                if group["base"] == "sgd" and group["momentum"] != 0:
+                    for p, buf in zip(params, momentum_buffers):
+                        self.state[p]["momentum_buffer"] = buf
+                continue
             sculpt(
                 params,
                 grads,
