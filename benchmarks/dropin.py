@@ -224,6 +224,15 @@ CONFIGS = {
     "confirm2": {
         "row-g.8cap1.25": dict(beta=0.01, gamma=0.8, phi_max=1.25, pathway="row"),
     },
+    "confirm4": {
+        "row-g.8cap1.25min.8": dict(beta=0.01, gamma=0.8, phi_max=1.25, phi_min=0.8,
+                                    pathway="row"),
+    },
+    "confirm3": {
+        "row-b.003g.8cap1.25": dict(beta=0.003, gamma=0.8, phi_max=1.25, pathway="row"),
+        "row-g.8cap1.25min.8": dict(beta=0.01, gamma=0.8, phi_max=1.25, phi_min=0.8,
+                                    pathway="row"),
+    },
 }
 
 

@@ -48,13 +48,17 @@ _DEFAULTS: dict[str, Any] = dict(
     dampening=0.0,
     nesterov=False,
     weight_decay=None,  # 0 for sgd/adam, 1e-2 for adamw, like torch's defaults
+    # Drop-in defaults, chosen with benchmarks/dropin.py (README.md, "Performance"): one ϕ per
+    # neuron/output channel, damped to stop rising near 1/γ = 1.25 and kept in [0.8, 1.25]
+    # before the mean normalisation, so that every step lies between 0.64 and 1.25 times the
+    # base rule's.
     beta=0.01,
-    gamma=0.0,
+    gamma=0.8,
     l1=0.0,
     phi_init=1.0,
-    phi_min=1e-3,
-    phi_max=None,
-    pathway="element",
+    phi_min=0.8,
+    phi_max=1.25,
+    pathway="row",
     fracture="relative",
     phi_norm="mean",
     ascent="additive",
@@ -138,11 +142,15 @@ class KintsugiOptimizer(Optimizer):
         momentum, dampening, nesterov: as ``torch.optim.SGD`` (defaults 0, 0, False).
         weight_decay (float): coupled (L2 in g) for sgd/adam, decoupled for adamw
             (default: 0, or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not scaled by ϕ.
-        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0).
-        l1 (float): tempering λ ≥ 0 (0). phi_init, phi_min, phi_max: ϕ's start and bounds
-            (1.0, 1e-3, None = no cap); 0 < phi_min ≤ phi_init ≤ phi_max.
-        pathway (str): "element" (ϕ shaped like θ), "row" (one ϕ per ``θ[i]``: a neuron or output
-            channel) or "tensor" (one ϕ per tensor, normalised across the group). Default "element".
+        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0.8:
+            ϕ stops rising near 1.25). l1 (float): tempering λ ≥ 0 (0).
+        phi_init, phi_min, phi_max: ϕ's start and bounds (1.0, 0.8, 1.25; ``phi_max=None``: no
+            cap); 0 < phi_min ≤ phi_init ≤ phi_max. With l1 = 0 gilding never lowers a ϕ before
+            the normalisation, so mean ϕ' ≥ 1 there, and phi_min / phi_max ≤ ϕ ≤ phi_max at
+            every step: each step lies between 0.64 and 1.25 times the base rule's.
+        pathway (str): "row" (one ϕ per ``θ[i]``: a neuron or output channel; the default),
+            "element" (ϕ shaped like θ) or "tensor" (one ϕ per tensor, normalised across the
+            group).
         fracture (str): "relative" (scale-free, default) or "abs" (the source's literal rule).
         phi_norm (str or None): "mean" (default) keeps the mean ϕ of each scope at 1.
         ascent (str): "additive" (default) or "multiplicative" (exponentiated gradient).
@@ -151,6 +159,10 @@ class KintsugiOptimizer(Optimizer):
         maximize, foreach, fused, capturable, differentiable: as in ``torch.optim.Adam``.
             ``fused=True`` (CPU and CUDA kernels of their own) holds mean ϕ to 1 within four
             rounding errors rather than one: it stores ϕ normalised by a foreseen factor.
+            Given neither ``foreach`` nor ``fused``, a CPU step of plain float tensors runs the
+            fused kernel (built on first use; if it cannot be, a warning and the foreach
+            step), other steps torch's choice. A step with ``beta=0`` while every ϕ is 1 is
+            torch's own functional step, bitwise.
 
     State per parameter: torch's keys for the base rule plus ``phi`` (and ``rho``), float32 for
     bf16/fp16 parameters. :meth:`gilding` returns every ϕ.
@@ -175,12 +187,12 @@ class KintsugiOptimizer(Optimizer):
         nesterov: bool = False,
         weight_decay: float | None = None,
         beta: float = 0.01,
-        gamma: float = 0.0,
+        gamma: float = 0.8,
         l1: float = 0.0,
         phi_init: float = 1.0,
-        phi_min: float = 1e-3,
-        phi_max: float | None = None,
-        pathway: str = "element",
+        phi_min: float = 0.8,
+        phi_max: float | None = 1.25,
+        pathway: str = "row",
         fracture: str = "relative",
         phi_norm: str | None = "mean",
         ascent: str = "additive",

@@ -184,7 +184,8 @@ def test_beta_zero_steps_are_torch_bitwise_on_every_path(case, impl, monkeypatch
         reference.step()
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
-        assert torch.equal(sculptor.state[p]["phi"], torch.ones_like(p))
+        phi = sculptor.state[p]["phi"]
+        assert torch.equal(phi, torch.ones_like(phi))
         for key, value in reference.state[q].items():
             assert torch.equal(sculptor.state[p][key], value), key
 
