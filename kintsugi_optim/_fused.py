@@ -1,4 +1,4 @@
-"""The fused Sculptor step: ``KintsugiOptimizer(fused=True)``.
+"""The fused Sculptor step: ``KintsugiOptimizer(fused=True)``, and on the CPU the default step.
 
 One param group's whole step (docs/maths.md §2.3) — θ moved by the base rule scaled by ϕ, the fracture
 signal, ϕ gilded — in as few passes over memory as the maths allows:
@@ -6,7 +6,9 @@ signal, ϕ gilded — in as few passes over memory as the maths allows:
 * **CPU**: a C++ kernel (``csrc/fused_sculpt.cpp``, ``at::vec`` + ``at::parallel_for``), built
   on first use with ``torch.utils.cpp_extension.load`` and cached in the torch extensions
   directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The one-off
-  build takes about 15 s on two cores and needs a C++ compiler and ninja; nothing is fetched.
+  build takes about 15 s on two cores (47 s on a busy machine) and needs a C++ compiler and
+  ninja; nothing is fetched. A build that fails raises a RuntimeError naming the cause for
+  ``fused=True``; the default step warns once and takes the foreach path instead.
 * **CUDA**: Triton kernels (:mod:`kintsugi_optim._fused_cuda`), imported only when a CUDA
   tensor is stepped, so CPU-only installs need no triton.
 
@@ -20,7 +22,9 @@ set, nothing changes — θ, ϕ, moments, step counts — without a host sync.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,39 +47,118 @@ _ISA_FLAGS = {
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _build(name: str, source: Path) -> None:
+# How long a step waits for another process's build of the kernel (one build takes 15-50 s on
+# two cores) before it gives up with a clear message instead of hanging.
+_BUILD_WAIT_S = 600.0
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, timeout: float):
+    """Hold an exclusive ``flock`` on ``directory/kintsugi.flock`` while building.
+
+    Unlike the lock *file* of ``torch.utils.cpp_extension`` (created, then deleted when its build
+    ends), an flock is released by the OS when its process dies: a build killed half-way leaves
+    nothing that makes later processes wait. Without fcntl (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "kintsugi.flock", "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has been building the fused kernel in {directory} for "
+                        f"over {timeout:.0f} s") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(name: str, source: Path, *, timeout: float | None = None) -> None:
     """Build (or load from the torch extensions cache) the C++ source ``source``, which includes
     csrc/sculpt_math.h, as the extension ``<name>_<capability>``, with the flags torch's own
-    kernels get for this CPU."""
-    from torch.utils.cpp_extension import load
+    kernels get for this CPU.
+
+    Raises whatever the build raises (``RuntimeError``, ``OSError``,
+    ``subprocess.CalledProcessError`` from a compiler that is there but fails), or
+    ``TimeoutError`` after ``timeout`` seconds (default ``_BUILD_WAIT_S``) waiting for another
+    process's build.
+    """
+    from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in _ISA_FLAGS:
         capability = "DEFAULT"  # at::vec's portable implementation (also NEON on arm64)
-    load(
-        name=f"{name}_{capability.lower()}",
-        sources=[str(source)],
-        extra_include_paths=[str(_CSRC)],
-        extra_cflags=[
-            "-O3", "-fopenmp", *_ISA_FLAGS.get(capability, []),
-            f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
-        ],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    full_name = f"{name}_{capability.lower()}"
+    directory = Path(cpp_extension._get_build_directory(full_name, verbose=False))
+    with _build_lock(directory, _BUILD_WAIT_S if timeout is None else timeout):
+        # Every build of this extension from this package holds the flock, so a lock file
+        # torch left here now belongs to a build that was killed: torch would wait on it
+        # for ever.
+        (directory / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name=full_name,
+            sources=[str(source)],
+            extra_include_paths=[str(_CSRC)],
+            extra_cflags=[
+                "-O3", "-fopenmp", *_ISA_FLAGS.get(capability, []),
+                f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+            ],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+        )
 
 
-@functools.cache
+_kernel_error: Exception | None = None
+_warned = False
+
+
 def _cpu_kernel():
-    """``torch.ops.kintsugi.fused_sculpt_``, building the C++ extension on first use."""
-    try:
-        _build("kintsugi_fused_cpu", _CSRC / "fused_sculpt.cpp")
-    except (OSError, RuntimeError) as error:
-        raise RuntimeError(
-            "KintsugiOptimizer(fused=True) on CPU builds its C++ kernel on first use, which "
-            f"needs a C++ compiler and ninja (pip install ninja): {error}"
-        ) from error
+    """``torch.ops.kintsugi.fused_sculpt_``, building the C++ extension on first use.
+
+    A build that fails is not retried in this process: every later call raises the same
+    RuntimeError at once.
+    """
+    global _kernel_error
+    if _kernel_error is not None:
+        raise RuntimeError(str(_kernel_error)) from _kernel_error
+    if not hasattr(torch.ops.kintsugi, "fused_sculpt_"):
+        try:
+            _build("kintsugi_fused_cpu", _CSRC / "fused_sculpt.cpp")
+        except Exception as error:  # noqa: BLE001 - any failure of the toolchain or the cache
+            _kernel_error = RuntimeError(
+                "KintsugiOptimizer(fused=True) on CPU builds its C++ kernel on first use, which "
+                "needs a working C++ compiler and ninja (pip install ninja); the build failed "
+                f"with {type(error).__name__}: {error}")
+            raise _kernel_error from error
     return torch.ops.kintsugi.fused_sculpt_
+
+
+def cpu_kernel_available(warn: bool = True) -> bool:
+    """Whether the fused CPU kernel is built (building it now if need be). A failure returns
+    False, with one warning per process when ``warn``: the default path falls back to the
+    foreach step."""
+    global _warned
+    try:
+        _cpu_kernel()
+        return True
+    except RuntimeError as error:
+        if warn and not _warned:
+            _warned = True
+            warnings.warn(f"{error}. KintsugiOptimizer falls back to its foreach step; pass "
+                          "foreach=True to choose it and silence this warning", stacklevel=4)
+        return False
 
 
 def _real(t: Tensor | None) -> Tensor | None:

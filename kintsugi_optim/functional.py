@@ -28,7 +28,10 @@ from typing import Callable, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import Optimizer
+from torch.optim.sgd import sgd as _torch_sgd
 
 from kintsugi_optim._compat import (
     _default_to_fused_or_foreach,
@@ -41,7 +44,7 @@ from kintsugi_optim._compat import (
 
 __all__ = [
     "fracture", "gild", "gild_pathways", "gilder_step", "new_phi", "phi_dtype", "phi_shape",
-    "relative_fracture_", "sculpt", "softplus_inverse",
+    "relative_fracture_", "sculpt", "softplus_inverse", "torch_step",
 ]
 
 BASES = ("sgd", "adam", "adamw")
@@ -831,8 +834,8 @@ def _foreach_fracture(
 def _multi_tensor_sgd_direction_step(
     params, grads, phis_b, bufs, original_params, all_bufs, indices, *, lr, momentum, dampening, nesterov,
     weight_decay, maximize,
-) -> list[Tensor] | None:
-    """θ ← θ − lr·ϕ·d for SGD; returns a dead parameter-shaped temporary, if it made one."""
+) -> list[Tensor]:
+    """θ ← θ − lr·ϕ·d for SGD; returns a dead parameter-shaped temporary (ϕ·d)."""
     if weight_decay != 0:
         # Reuse the intermediate memory (grads) already allocated for maximize
         if maximize:
@@ -854,9 +857,8 @@ def _multi_tensor_sgd_direction_step(
             grads = torch._foreach_add(grads, bufs, alpha=momentum)
         else:
             grads = bufs
-    if not isinstance(lr, Tensor) and phis_b[0].dtype == params[0].dtype:
-        torch._foreach_addcmul_(params, grads, phis_b, value=-lr)
-        return None
+    # ϕ·d first, then torch's own update θ += (−lr)·(ϕ·d): with ϕ = 1 it rounds as torch's
+    # foreach SGD does (an addcmul would round θ + (−lr·d)·ϕ differently by an ulp).
     scaled = torch._foreach_mul(grads, phis_b)
     if scaled[0].dtype != params[0].dtype:  # float32 ϕ, bf16/fp16 θ: as single-tensor
         scaled = [s.to(p.dtype) for s, p in zip(scaled, params)]
@@ -941,6 +943,78 @@ def _multi_tensor_adam_direction_step(
     return denom
 
 
+def torch_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    state_steps: list[Tensor],
+    *,
+    base: str,
+    foreach: bool | None,
+    fused: bool | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    has_complex: bool,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    amsgrad: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool,
+    differentiable: bool,
+) -> None:
+    """The base rule's step alone, by torch's own functional ``sgd``/``adam`` (same state lists,
+    same implementation choice): the Sculptor's step when β = 0 and every ϕ is 1, at torch's
+    cost and with torch's bits on every path."""
+    if base == "sgd":
+        _torch_sgd(
+            params, grads, momentum_buffers, has_sparse_grad=False, foreach=foreach, fused=fused,
+            grad_scale=grad_scale, found_inf=found_inf, weight_decay=weight_decay,
+            momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize,
+        )
+        return
+    rule = _torch_adamw if base == "adamw" else _torch_adam
+    rule(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach=foreach,
+        capturable=capturable, differentiable=differentiable, fused=fused,
+        grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex, amsgrad=amsgrad,
+        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+    )
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _default_impl(params: list[Tensor], differentiable: bool) -> str | None:
+    """The implementation of a step given neither ``foreach`` nor ``fused``: "fused", "foreach",
+    or None for torch's own choice.
+
+    On the CPU the fused kernel wherever it applies (eager, plain float tensors): it costs
+    0.4-1.3× torch's default step, where the single-tensor and foreach steps cost 1.4-4× on
+    small models (benchmarks/README.md). It is built on first use; should the build fail, the
+    step warns once and takes the foreach path, the faster of the other two. torch.compile,
+    DTensors and complex parameters keep torch's choice, and so does CUDA: the Triton kernels
+    have not run on a GPU yet.
+    """
+    if differentiable or not params or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return None
+    from kintsugi_optim import _fused
+
+    dtypes = _fused._FUSED_DTYPES
+    for p in params:  # a plain loop: this runs every step, and small models' steps are short
+        if not p.is_cpu or p.dtype not in dtypes or type(p) not in _PLAIN_TENSORS:
+            return None
+    return "fused" if _fused.cpu_kernel_available() else "foreach"
+
+
 @_disable_dynamo_if_unsupported(single_tensor_fn=_single_tensor_sculpt)
 def sculpt(
     params: list[Tensor],
@@ -991,7 +1065,12 @@ def sculpt(
     needed with ``positivity="softplus"`` only.
     """
     if fused is None and foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
+        impl = _default_impl(params, differentiable)
+        fused = impl == "fused"
+        if impl == "foreach":
+            foreach = True
+        elif impl is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
         if foreach and isinstance(lr, Tensor) and not capturable:
             foreach = False
     if foreach and fused:

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kintsugi_optim._compat import (
     _device_dtype_check_for_fused,
     _get_scalar_dtype,
     _use_grad_for_differentiable,
 )
-
 from kintsugi_optim._validation import (
     plain_number,
     require,
@@ -35,6 +35,7 @@ from kintsugi_optim.functional import (
     phi_shape,
     sculpt,
     softplus_inverse,
+    torch_step,
 )
 
 __all__ = ["KintsugiOptimizer", "Sculptor"]
@@ -52,13 +53,17 @@ _DEFAULTS: dict[str, Any] = dict(
     dampening=0.0,
     nesterov=False,
     weight_decay=None,  # 0 for sgd/adam, 1e-2 for adamw, like torch's defaults
+    # Drop-in defaults, chosen with benchmarks/dropin.py (README.md, "Performance"): one ϕ per
+    # neuron/output channel, damped to stop rising near 1/γ = 1.25 and kept in [0.8, 1.25]
+    # before the mean normalisation, so that every step lies between 0.64 and 1.25 times the
+    # base rule's.
     beta=0.01,
-    gamma=0.0,
+    gamma=0.8,
     l1=0.0,
     phi_init=1.0,
-    phi_min=1e-3,
-    phi_max=None,
-    pathway="element",
+    phi_min=0.8,
+    phi_max=1.25,
+    pathway="row",
     fracture="relative",
     phi_norm="mean",
     ascent="additive",
@@ -69,6 +74,10 @@ _DEFAULTS: dict[str, Any] = dict(
     capturable=False,
     differentiable=False,
 )
+
+# With β = 0 and ϕ ≡ 1 a step is torch's own (KintsugiOptimizer._gilding_is_idle). Tests of
+# the gilding maths at β = 0 turn this off, to step through the Sculptor's own paths.
+_BETA_ZERO_SHORTCUT = True
 
 # Options that only one base rule reads. torch's schedulers learn the rule from `defaults`
 # (OneCycleLR and CyclicLR cycle `betas` when `defaults` has them, else `momentum`), so
@@ -197,11 +206,15 @@ class KintsugiOptimizer(Optimizer):
         momentum, dampening, nesterov: as ``torch.optim.SGD`` (defaults 0, 0, False).
         weight_decay (float): coupled (L2 in g) for sgd/adam, decoupled for adamw
             (default: 0, or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not scaled by ϕ.
-        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0).
-        l1 (float): tempering λ ≥ 0 (0). phi_init, phi_min, phi_max: ϕ's start and bounds
-            (1.0, 1e-3, None = no cap); 0 < phi_min ≤ phi_init ≤ phi_max.
-        pathway (str): "element" (ϕ shaped like θ), "row" (one ϕ per ``θ[i]``: a neuron or output
-            channel) or "tensor" (one ϕ per tensor, normalised across the group). Default "element".
+        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0.8:
+            ϕ stops rising near 1.25). l1 (float): tempering λ ≥ 0 (0).
+        phi_init, phi_min, phi_max: ϕ's start and bounds (1.0, 0.8, 1.25; ``phi_max=None``: no
+            cap); 0 < phi_min ≤ phi_init ≤ phi_max. With l1 = 0 gilding never lowers a ϕ before
+            the normalisation, so mean ϕ' ≥ 1 there, and phi_min / phi_max ≤ ϕ ≤ phi_max at
+            every step: each step lies between 0.64 and 1.25 times the base rule's.
+        pathway (str): "row" (one ϕ per ``θ[i]``: a neuron or output channel; the default),
+            "element" (ϕ shaped like θ) or "tensor" (one ϕ per tensor, normalised across the
+            group).
         fracture (str): "relative" (scale-free, default) or "abs" (the source's literal rule).
         phi_norm (str or None): "mean" (default) keeps the mean ϕ of each scope at 1.
         ascent (str): "additive" (default) or "multiplicative" (exponentiated gradient).
@@ -210,6 +223,10 @@ class KintsugiOptimizer(Optimizer):
         maximize, foreach, fused, capturable, differentiable: as in ``torch.optim.Adam``.
             ``fused=True`` (CPU and CUDA kernels of their own) holds mean ϕ to 1 within four
             rounding errors rather than one: it stores ϕ normalised by a foreseen factor.
+            Given neither ``foreach`` nor ``fused``, a CPU step of plain float tensors runs the
+            fused kernel (built on first use; if it cannot be, a warning and the foreach
+            step), other steps torch's choice. A step with ``beta=0`` while every ϕ is 1 is
+            torch's own functional step, bitwise.
 
     State per parameter: torch's keys for the base rule plus ``phi`` (and ``rho``), float32 for
     bf16/fp16 parameters. :meth:`gilding` returns every ϕ.
@@ -234,12 +251,12 @@ class KintsugiOptimizer(Optimizer):
         nesterov: bool = False,
         weight_decay: float | None = None,
         beta: float = 0.01,
-        gamma: float = 0.0,
+        gamma: float = 0.8,
         l1: float = 0.0,
         phi_init: float = 1.0,
-        phi_min: float = 1e-3,
-        phi_max: float | None = None,
-        pathway: str = "element",
+        phi_min: float = 0.8,
+        phi_max: float | None = 1.25,
+        pathway: str = "row",
         fracture: str = "relative",
         phi_norm: str | None = "mean",
         ascent: str = "additive",
@@ -424,6 +441,29 @@ class KintsugiOptimizer(Optimizer):
             state_steps.append(state["step"])
         return has_complex
 
+    def _gilding_is_idle(self, group: dict[str, Any], phis: list[Tensor]) -> bool:
+        """Whether this step of ``group`` is the base rule's alone: β = 0 and every ϕ still 1.
+
+        Then gilding leaves ϕ ≡ 1 as it is and ϕ·d = d, so :meth:`step` hands the step to
+        torch's own functional optimizer, at torch's cost. Whether a ϕ is all ones is checked
+        once and remembered with its version counter, which every in-place change of ϕ bumps;
+        a ϕ replaced (``load_state_dict``, by hand) is a new tensor, checked afresh.
+        """
+        beta = group["beta"]
+        if (not _BETA_ZERO_SHORTCUT or isinstance(beta, Tensor) or beta != 0 or not phis
+                or torch.compiler.is_compiling()):
+            return False
+        known = self.__dict__.setdefault("_phi_is_one", WeakIdKeyDictionary())
+        for phi in phis:
+            if type(phi) is not Tensor:  # a DTensor's check would be a collective
+                return False
+            seen = known.get(phi)
+            if seen is None or seen[0] != phi._version:
+                seen = known[phi] = (phi._version, bool((phi == 1).all()))
+            if not seen[1]:
+                return False
+        return True
+
     @_use_grad_for_differentiable
     def step(self, closure=None):
         """Perform one Sculptor step (θ descent and ϕ gilding together).
@@ -454,14 +494,14 @@ class KintsugiOptimizer(Optimizer):
             max_exp_avg_sqs: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
             state_steps: list[Tensor] = []
-            self._init_group(
+            has_complex = self._init_group(
                 group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 momentum_buffers, state_steps,
             )
-            prepared.append((group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs,
-                             max_exp_avg_sqs, momentum_buffers, state_steps))
-        for (group, params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-             momentum_buffers, state_steps) in prepared:
+            prepared.append((group, has_complex, params, grads, phis, rhos, exp_avgs,
+                             exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, state_steps))
+        for (group, has_complex, params, grads, phis, rhos, exp_avgs, exp_avg_sqs,
+             max_exp_avg_sqs, momentum_buffers, state_steps) in prepared:
             beta1, beta2 = group["betas"]
             foreach, fused = group["foreach"], group["fused"]
             if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):
@@ -469,6 +509,24 @@ class KintsugiOptimizer(Optimizer):
                     beta1, beta2 = float(beta1), float(beta2)
                 elif foreach is None and not group["capturable"]:
                     foreach = False  # torch's foreach Adam takes tensor betas only capturable
+            if any(g.is_sparse for g in grads):
+                foreach = False  # the foreach ops take no sparse tensors; torch's SGD neither
+            if self._gilding_is_idle(group, phis):
+                torch_step(
+                    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
+                    state_steps, base=group["base"], foreach=foreach,
+                    fused=fused, grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=getattr(self, "found_inf", None), has_complex=has_complex,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    amsgrad=group["amsgrad"], momentum=group["momentum"],
+                    dampening=group["dampening"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    capturable=group["capturable"], differentiable=group["differentiable"],
+                )
+                if group["base"] == "sgd" and group["momentum"] != 0:
+                    for p, buf in zip(params, momentum_buffers):
+                        self.state[p]["momentum_buffer"] = buf
+                continue
             sculpt(
                 params,
                 grads,
@@ -479,8 +537,7 @@ class KintsugiOptimizer(Optimizer):
                 max_exp_avg_sqs,
                 momentum_buffers,
                 state_steps,
-                # The foreach ops take no sparse tensors: torch's SGD steps those one by one too.
-                foreach=False if any(g.is_sparse for g in grads) else foreach,
+                foreach=foreach,
                 fused=fused,
                 grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None),

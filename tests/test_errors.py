@@ -106,7 +106,7 @@ def test_tensor_hyperparameter_errors_name_their_own_argument():
 
 def test_changing_pathway_after_phi_exists_raises_naming_it():
     p = torch.zeros(4, 3, requires_grad=True)
-    opt = KintsugiOptimizer([p])
+    opt = KintsugiOptimizer([p], pathway="element")
     p.grad = torch.ones(4, 3)
     opt.step()
     opt.param_groups[0]["pathway"] = "row"

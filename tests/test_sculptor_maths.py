@@ -62,8 +62,8 @@ def test_trajectory_matches_spec(config, base, foreach):
 
 def test_theta_step_uses_phi_from_before_gilding():
     p = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
-    opt = KintsugiOptimizer([p], lr=0.1, base="sgd", beta=1.0, phi_init=2.0, phi_max=10.0,
-                            phi_norm=None, fracture="abs")
+    opt = KintsugiOptimizer([p], lr=0.1, base="sgd", beta=1.0, gamma=0.0, phi_init=2.0,
+                            phi_max=10.0, phi_norm=None, fracture="abs")
     p.grad = torch.tensor([1.0, -4.0, 0.5], dtype=torch.float64)
     opt.step()
     # θ moved with ϕ = phi_init = 2, and only then did ϕ rise by β·|g|.

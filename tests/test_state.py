@@ -38,7 +38,8 @@ def test_alias_and_param_forms():
 def test_gilding_is_keyed_by_group_name_and_param_name():
     model, x, y = model_and_data()
     opt = KintsugiOptimizer([
-        {"params": list(model[0].named_parameters()), "name": "encoder", "beta": 0.1},
+        {"params": list(model[0].named_parameters()), "name": "encoder", "beta": 0.1,
+         "pathway": "element"},
         {"params": list(model[2].named_parameters()), "pathway": "row"},
     ])
     train(model, opt, x, y, 1)
@@ -57,7 +58,7 @@ def test_per_group_hyperparameters_are_used():
     torch.manual_seed(0)
     a, b = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
     opt = KintsugiOptimizer([{"params": [a], "beta": 0.0}, {"params": [b], "beta": 0.5}],
-                            phi_norm=None, fracture="abs")
+                            phi_norm=None, fracture="abs", gamma=0.0, phi_max=None)
     a.grad = b.grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
     opt.step()
     assert torch.equal(opt.state[a]["phi"], torch.ones(4))
@@ -107,7 +108,7 @@ def test_phi_stays_float32_for_half_parameters_across_round_trip(dtype):
 
 def test_loaded_phi_of_the_wrong_shape_raises_naming_the_parameter():
     model, x, y = model_and_data()
-    opt = KintsugiOptimizer(model.named_parameters(), lr=0.01)
+    opt = KintsugiOptimizer(model.named_parameters(), lr=0.01, pathway="element")
     train(model, opt, x, y, 1)
     saved = opt.state_dict()
     row_opt = KintsugiOptimizer(model.named_parameters(), lr=0.01, pathway="row")
@@ -130,9 +131,10 @@ def test_checkpoint_without_newer_group_keys_is_back_filled():
     opt.load_state_dict(torch_adam.state_dict())  # an Adam checkpoint has no Kintsugi keys
     group = opt.param_groups[0]
     assert (group["base"], group["pathway"], group["beta"], group["weight_decay"]) == (
-        "adam", "element", 0.01, 0)
+        "adam", "row", 0.01, 0)
     train(model, opt, x, y, 2)  # ϕ is created lazily and training goes on
-    assert all(p.shape == phi.shape for p, phi in zip(model.parameters(), opt.gilding()[0].values()))
+    assert all(p.shape[:1] == phi.shape
+               for p, phi in zip(model.parameters(), opt.gilding()[0].values()))
 
 
 def test_zero_grad_and_closure_as_torch():

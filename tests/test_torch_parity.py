@@ -1,14 +1,27 @@
-"""With beta=0 the Sculptor is torch's SGD / Adam / AdamW: bitwise on the single-tensor path,
-allclose(rtol=1e-6, atol=1e-7) on foreach and fused (the C++ kernel, and the CUDA path's Triton
-kernels in Triton's interpreter), for every option combination (docs/maths.md §2.3)."""
+"""With beta=0 the Sculptor is torch's SGD / Adam / AdamW (docs/maths.md §2.3), for every
+option combination.
+
+Its own maths at β = 0: bitwise on the single-tensor path and for SGD's foreach path,
+allclose(rtol=1e-6, atol=1e-7) on Adam's foreach and on fused (the C++ kernel, and the CUDA
+path's Triton kernels in Triton's interpreter). Those tests turn off the shortcut that a step
+with β = 0 and ϕ ≡ 1 normally takes, torch's own functional step, which is tested on its own
+below: bitwise torch on every path.
+"""
 
 import itertools
 
 import pytest
 import torch
 
+import kintsugi_optim.sculptor
 from kintsugi_optim import KintsugiOptimizer
 from triton_interpreter import requires_triton
+
+
+@pytest.fixture(autouse=True)
+def gilding_machinery(monkeypatch):
+    """Step through the Sculptor's own paths at β = 0, not torch's (see the module docstring)."""
+    monkeypatch.setattr(kintsugi_optim.sculptor, "_BETA_ZERO_SHORTCUT", False)
 
 
 def _combos(**axes):
@@ -72,7 +85,10 @@ def test_single_tensor_is_bitwise_torch(case, pathway):
 def test_foreach_matches_torch(case):
     ours, theirs = run_pair(*case, foreach=True)
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        if case[0] == "sgd":  # ϕ·d = d exactly, then torch's own update: its bits
+            assert torch.equal(p, q)
+        else:  # ϕ divides Adam's denominator, whose scalars are folded: within an ulp
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def use_kernel(kernel, monkeypatch):
@@ -140,3 +156,87 @@ def test_beta_zero_keeps_phi_exactly_one_whatever_the_size(impl, monkeypatch):
             adam.step()
         assert torch.equal(sculptor.state[p]["phi"], torch.ones(n)), n
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+IMPLS = {"default": {}, "single": dict(foreach=False), "foreach": dict(foreach=True),
+         "fused": dict(fused=True)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_beta_zero_steps_are_torch_bitwise_on_every_path(case, impl, monkeypatch):
+    # With β = 0 and ϕ ≡ 1 the step is handed to torch's functional optimizer: no gilding cost.
+    monkeypatch.setattr(kintsugi_optim.sculptor, "_BETA_ZERO_SHORTCUT", True)
+    base, torch_cls, options = case
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=g) for s in [(6, 5), (6,), ()]]
+    ours = [t.clone().requires_grad_() for t in init]
+    theirs = [t.clone().requires_grad_() for t in init]
+    options = dict(options, **({"weight_decay": 1e-2} if base == "adamw" else {}))
+    options = {**options, **IMPLS[impl]}
+    sculptor = KintsugiOptimizer(ours, lr=0.01, base=base, beta=0.0, **options)
+    reference = torch_cls(theirs, lr=0.01, **options)
+    for _ in range(5):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        sculptor.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        phi = sculptor.state[p]["phi"]
+        assert torch.equal(phi, torch.ones_like(phi))
+        for key, value in reference.state[q].items():
+            assert torch.equal(sculptor.state[p][key], value), key
+
+
+def _step_with_shortcut(opt, on, monkeypatch):
+    monkeypatch.setattr(kintsugi_optim.sculptor, "_BETA_ZERO_SHORTCUT", on)
+    opt.step()
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_beta_zero_still_scales_by_a_phi_that_is_not_one(base, impl, monkeypatch):
+    # β set to 0 after gilding: the shortcut must see that ϕ is no longer 1 and step as the
+    # Sculptor does (ϕ·d), exactly as with the shortcut turned off.
+    options = dict(base=base, lr=0.05, **({"momentum": 0.9} if base == "sgd" else {}),
+                   **IMPLS[impl])
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(8, 3, generator=g), torch.randn(5, generator=g)]
+    runs = []
+    for shortcut in (True, False):
+        params = [t.clone().requires_grad_() for t in init]
+        opt = KintsugiOptimizer(params, beta=0.5, **options)
+        grads = torch.Generator().manual_seed(2)
+        for step in range(8):
+            if step == 3:
+                opt.param_groups[0]["beta"] = 0.0
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            _step_with_shortcut(opt, shortcut, monkeypatch)
+        runs.append((params, opt))
+    (ours, opt), (reference, ref_opt) = runs
+    assert not torch.equal(opt.state[ours[0]]["phi"], torch.ones(8, 3))
+    for p, q in zip(ours, reference):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["phi"], ref_opt.state[q]["phi"])
+
+
+def test_beta_zero_shortcut_notices_a_phi_edited_in_place(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(4, 4, generator=g, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = KintsugiOptimizer([p], lr=0.1, base="sgd", beta=0.0)
+    torch_sgd = torch.optim.SGD([q], lr=0.1)
+    grad = torch.randn(4, 4, generator=g)
+    p.grad, q.grad = grad.clone(), grad.clone()
+    opt.step()  # ϕ ≡ 1 is seen and remembered
+    torch_sgd.step()
+    assert torch.equal(p, q)
+    opt.state[p]["phi"][0].fill_(3.0)
+    before = p.detach().clone()
+    opt.step()
+    # row 0 steps 3× (ϕ from before this step's gilding), the others as SGD
+    torch.testing.assert_close(before - p.detach(), 0.1 * grad * opt.state[p]["phi"].new_tensor(
+        [[3.0]] + [[1.0]] * 3), rtol=1e-5, atol=1e-7)
