@@ -34,6 +34,7 @@ from kintsugi_optim.functional import (
     phi_shape,
     softplus_inverse,
 )
+from kintsugi_optim.sculptor import _DEFAULTS
 
 __all__ = ["Gilded"]
 
@@ -81,13 +82,10 @@ class Gilded(Optimizer):
     Args:
         base_optimizer: any ``torch.optim.Optimizer`` whose step evaluates the closure at most
             once (not LBFGS). Its defaults must not already use a gilding option's name.
-        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0).
-        l1 (float): tempering λ ≥ 0 (0). phi_init, phi_min, phi_max: ϕ's start and bounds
-            (1.0, 1e-3, None = no cap); 0 < phi_min ≤ phi_init ≤ phi_max.
-        pathway (str): "element" (default), "row" or "tensor", as in the Sculptor.
-        fracture (str): "relative" (default) or "abs". phi_norm: "mean" (default) or None.
-        ascent (str): "additive" (default) or "multiplicative".
-        positivity (str): "clamp" (default) or "softplus".
+        beta, gamma, l1, phi_init, phi_min, phi_max, pathway, fracture, phi_norm, ascent,
+            positivity: the gilding options, with the Sculptor's meanings and defaults (one ϕ
+            per row, β = 0.01, γ = 0.8, ϕ in [0.8, 1.25] before the mean normalisation, so
+            every step lies within 0.64–1.25× the base's; see :class:`KintsugiOptimizer`).
 
     Every gilding option may be set per param group, in the dicts given to the base optimizer
     or to :meth:`add_param_group`. The gilding uses the ``torch._foreach_*`` implementation
@@ -105,17 +103,17 @@ class Gilded(Optimizer):
         self,
         base_optimizer: Optimizer,
         *,
-        beta: float = 0.01,
-        gamma: float = 0.0,
-        l1: float = 0.0,
-        phi_init: float = 1.0,
-        phi_min: float = 1e-3,
-        phi_max: float | None = None,
-        pathway: str = "element",
-        fracture: str = "relative",
-        phi_norm: str | None = "mean",
-        ascent: str = "additive",
-        positivity: str = "clamp",
+        beta: float = _DEFAULTS["beta"],
+        gamma: float = _DEFAULTS["gamma"],
+        l1: float = _DEFAULTS["l1"],
+        phi_init: float = _DEFAULTS["phi_init"],
+        phi_min: float = _DEFAULTS["phi_min"],
+        phi_max: float | None = _DEFAULTS["phi_max"],
+        pathway: str = _DEFAULTS["pathway"],
+        fracture: str = _DEFAULTS["fracture"],
+        phi_norm: str | None = _DEFAULTS["phi_norm"],
+        ascent: str = _DEFAULTS["ascent"],
+        positivity: str = _DEFAULTS["positivity"],
     ) -> None:
         base_name = type(base_optimizer).__name__
         require(isinstance(base_optimizer, Optimizer), "base_optimizer", base_name,

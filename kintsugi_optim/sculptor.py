@@ -441,7 +441,8 @@ class KintsugiOptimizer(Optimizer):
             state_steps.append(state["step"])
         return has_complex
 
-    def _gilding_is_idle(self, group: dict[str, Any], phis: list[Tensor]) -> bool:
+    def _gilding_is_idle(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                         phis: list[Tensor]) -> bool:
         """Whether this step of ``group`` is the base rule's alone: β = 0 and every ϕ still 1.
 
         Then gilding leaves ϕ ≡ 1 as it is and ϕ·d = d, so :meth:`step` hands the step to
@@ -453,6 +454,8 @@ class KintsugiOptimizer(Optimizer):
         if (not _BETA_ZERO_SHORTCUT or isinstance(beta, Tensor) or beta != 0 or not phis
                 or torch.compiler.is_compiling()):
             return False
+        if group["fused"] and not all(_dense(t) for t in params + grads):
+            return False  # torch's fused kernels step a strided or expanded tensor wrongly
         known = self.__dict__.setdefault("_phi_is_one", WeakIdKeyDictionary())
         for phi in phis:
             if type(phi) is not Tensor:  # a DTensor's check would be a collective
@@ -511,7 +514,7 @@ class KintsugiOptimizer(Optimizer):
                     foreach = False  # torch's foreach Adam takes tensor betas only capturable
             if any(g.is_sparse for g in grads):
                 foreach = False  # the foreach ops take no sparse tensors; torch's SGD neither
-            if self._gilding_is_idle(group, phis):
+            if self._gilding_is_idle(group, params, grads, phis):
                 torch_step(
                     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
                     state_steps, base=group["base"], foreach=foreach,
@@ -635,6 +638,11 @@ class KintsugiOptimizer(Optimizer):
         for p, tensors in kept.items():
             for key, value in tensors.items():
                 self.state[p][key] = value.to(device=p.device, dtype=phi_dtype(p), copy=True)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory once in some order (contiguous in a permuted layout)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _resolved_weight_decay(group: dict[str, Any]) -> float:

@@ -110,7 +110,7 @@ def state_tensors(opt):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_beta0_is_the_base_bitwise(name):
     ours, theirs = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.0)
+    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.0, pathway="element")
     bare = OPTIMIZERS[name](theirs)
     run(gilded, ours)
     run(bare, theirs)
@@ -481,7 +481,7 @@ def test_gilding_is_keyed_like_the_sculptor():
         {"params": [("layer.weight", w), ("layer.bias", b)], "name": "body"},
         {"params": [("head", frozen)], "beta": 0.0},
     ], lr=0.01)
-    gilded = Gilded(base, beta=0.3, phi_init=2.0)
+    gilded = Gilded(base, beta=0.3, phi_init=2.0, phi_max=None, pathway="element")
     before = gilded.gilding()
     assert list(before) == ["body", 1]
     assert list(before["body"]) == ["layer.weight", "layer.bias"] and list(before[1]) == ["head"]

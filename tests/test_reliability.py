@@ -132,7 +132,7 @@ def test_phi_bounds_below_what_phi_dtype_holds_are_refused():
     with pytest.raises(ValueError, match="Invalid phi_init: 1e-50"):
         VWPR(nn.Linear(2, 2), phi_init=1e-50)
     with pytest.raises(ValueError, match="Invalid phi_init: 1e\\+39.*largest float32"):
-        KintsugiOptimizer([p], phi_init=1e39)
+        KintsugiOptimizer([p], phi_init=1e39, phi_max=None)
 
 
 # 5 -------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_fused_accepts_an_expanded_gradient(base):
 # 12 ------------------------------------------------------------------------------------------
 def test_step_error_in_a_later_group_leaves_earlier_groups_unstepped():
     a, b = torch.ones(3, requires_grad=True), torch.ones(4, 2, requires_grad=True)
-    opt = KintsugiOptimizer([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt = KintsugiOptimizer([{"params": [a]}, {"params": [b]}], lr=0.1, pathway="element")
     a.grad, b.grad = torch.ones(3), torch.ones(4, 2)
     opt.step()
     before, theta = _state_copy(opt), a.detach().clone()

@@ -64,7 +64,8 @@ def test_sparse_gradients_step_as_their_dense_form_does(options, pathway):
 def test_each_looked_up_row_gets_its_own_phi_from_its_summed_gradient():
     emb = nn.Embedding(6, 3, sparse=True)
     before = emb.weight.detach().clone()
-    opt = KintsugiOptimizer(emb.parameters(), lr=0.1, base="sgd", beta=0.5, pathway="row")
+    opt = KintsugiOptimizer(emb.parameters(), lr=0.1, base="sgd", beta=0.5, pathway="row",
+                            gamma=0.0, phi_min=1e-3, phi_max=None)  # the maths written below
     idx = torch.tensor([1, 1, 4, 1])  # row 1 three times (frequent), row 4 once (rare)
     weights = torch.tensor([[1.0], [-0.5], [2.0], [0.25]])
     (emb(idx) * weights).sum().backward()
