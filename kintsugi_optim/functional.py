@@ -976,7 +976,8 @@ def torch_step(
     cost and with torch's bits on every path."""
     if base == "sgd":
         _torch_sgd(
-            params, grads, momentum_buffers, has_sparse_grad=False, foreach=foreach, fused=fused,
+            params, grads, momentum_buffers, has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=foreach, fused=fused,
             grad_scale=grad_scale, found_inf=found_inf, weight_decay=weight_decay,
             momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize,
         )

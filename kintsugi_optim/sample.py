@@ -336,17 +336,12 @@ def _gather(pending, device, group) -> tuple[Tensor, Tensor]:
 def sample_gilding(
     num_samples: int,
     *,
-    fracture: str = "error",
-    firing_fraction: float | None = 0.25,
-    upweight: float | str = "balanced",
-    accumulate: str = "mean",
-    reduction: str = "dataset",
-    warmup: float = 1.0,
     beta: float = 1.0,
     ascent: str = "additive",
     gamma: float = 0.0,
     phi_max: float | None = 1e3,
     process_group: Any = None,
+    **criterion_options: Any,
 ) -> tuple[SampleGildedLoss, SampleGilder]:
     r"""Label-free sample-level gilding: ``(criterion, gilder)`` for a data set of ``num_samples``.
 
@@ -370,6 +365,8 @@ def sample_gilding(
             criterion.refire()                          # ϕ frozen from here on
         model = train(T)
 
+    ``criterion_options`` go to :class:`SampleGildedLoss` (``fracture``, ``firing_fraction``,
+    ``upweight``, ``accumulate``, ``reduction``, ``warmup``; its defaults are the study's); e.g.
     ``warmup`` (default 1): epochs of examples before anything is recorded. One-pass options
     (``firing_fraction=None``): ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma``
     (damping), ``phi_max`` (cap, default 1000). With a long schedule (tens of epochs), a firing run
@@ -377,9 +374,7 @@ def sample_gilding(
     :class:`SampleGildedLoss` and :class:`SampleGilder`.
     """
     require_choice("ascent", ascent, ASCENTS)
-    criterion = SampleGildedLoss(num_samples, fracture=fracture, firing_fraction=firing_fraction,
-                                 upweight=upweight, accumulate=accumulate, reduction=reduction,
-                                 warmup=warmup)
+    criterion = SampleGildedLoss(num_samples, **criterion_options)
     gilder = SampleGilder(criterion, process_group=process_group, beta=beta, ascent=ascent,
                           gamma=gamma, phi_max=phi_max)
     return criterion, gilder
