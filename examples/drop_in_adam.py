@@ -15,7 +15,7 @@ y = (x[:, 0] * x[:, 1] > 0).long()  # an XOR-like rule
 model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2))
 
 # optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-optimizer = KintsugiOptimizer(model.parameters(), lr=3e-3)  # base="adam", pathway="element"
+optimizer = KintsugiOptimizer(model.parameters(), lr=3e-3)  # base="adam", pathway="row"
 
 for step in range(300):
     optimizer.zero_grad()

@@ -15,10 +15,11 @@ x, y = torch.randn(512, 20), torch.randint(0, 3, (512,))
 
 optimizer = KintsugiOptimizer(
     [
-        # the encoder: ϕ per weight, gilded fast but damped near 1/γ = 2
-        {"params": model[0].named_parameters(), "name": "encoder", "beta": 0.1, "gamma": 0.5},
-        # the hidden layer: one ϕ per neuron (row), a slow gilding rate
-        {"params": model[2].named_parameters(), "name": "hidden", "pathway": "row", "beta": 0.01},
+        # the encoder: ϕ per weight, gilded fast, damped near 1/γ = 2 instead of the default cap
+        {"params": model[0].named_parameters(), "name": "encoder", "pathway": "element",
+         "beta": 0.1, "gamma": 0.5, "phi_max": None},
+        # the hidden layer: the defaults, one ϕ per neuron (row) at a slow gilding rate
+        {"params": model[2].named_parameters(), "name": "hidden"},
         # the head: plain AdamW (β = 0 turns gilding off)
         {"params": model[4].named_parameters(), "name": "head", "base": "adamw", "beta": 0.0},
     ],

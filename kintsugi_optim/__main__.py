@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     demo = commands.add_parser(
         "demo", help="train small models with and without Kintsugi and compare them",
-        description="A reproducible study of Kintsugi optimization on two tasks made in-process: "
-                    "rare-event classification and spurious correlation. Prints a results table "
+        description="A reproducible study of Kintsugi optimization on three tasks made in-process: "
+                    "a rare event, a spurious correlation and hidden groups. Prints a results table "
                     "and writes results.md, results.json and sigil plots to --out.")
     demo.add_argument("--tasks", default=",".join(TASKS),
                       help=f"comma-separated tasks among {', '.join(TASKS)} (default: all)")
