@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - torch 2.6 and 2.7
 # `torch._disable_dynamo` (torch >= 2.1): load_state_dict runs eagerly, as torch's does.
 from torch._compile import _disable_dynamo  # noqa: E402
 
+# fused=True: whether an expanded gradient's elements alias each other (torch >= 1.0).
+from torch import _debug_has_internal_overlap  # noqa: E402
+
 # One foreach call per device and dtype, grouped the way torch's optimizers group them
 # (a private static method of Optimizer; torch >= 2.0).
 _group_tensors_by_device_and_dtype = Optimizer._group_tensors_by_device_and_dtype
@@ -67,6 +70,7 @@ def _graph_capture_health_check(optimizer: Optimizer) -> None:
 
 
 __all__ = [
+    "_debug_has_internal_overlap",
     "_default_to_fused_or_foreach",
     "_device_dtype_check_for_fused",
     "_disable_dynamo",

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kintsugi_optim._compat import _debug_has_internal_overlap
+
 __all__ = ["fused_sculpt"]
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -307,7 +309,7 @@ def fused_sculpt(
 def _has_internal_overlap(t: Tensor) -> bool:
     # torch's MemOverlap::Yes (1): some elements share memory; 2 ("too hard") is dense enough
     # for the kernels' copies.
-    return 0 in t.stride() and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1
+    return 0 in t.stride() and t.numel() > 1 and _debug_has_internal_overlap(t) == 1
 
 
 def _rounds(params: list[Tensor]) -> list[list[int]]:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.adamw import adamw as _torch_adamw
-from torch.optim.optimizer import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from kintsugi_optim._compat import (
@@ -38,6 +37,7 @@ from kintsugi_optim._compat import (
     _disable_dynamo_if_unsupported,
     _get_capturable_supported_devices,
     _get_value,
+    _group_tensors_by_device_and_dtype,
     _stack_if_compiling,
     _to_scalar,
 )
@@ -515,8 +515,8 @@ def _multi_tensor_gild(
 
 
 def _grouped(tensorlists):
-    """Optimizer._group_tensors_by_device_and_dtype, yielding (lists, indices) per group."""
-    return Optimizer._group_tensors_by_device_and_dtype(tensorlists).values()
+    """torch's grouping of tensor lists by device and dtype: (lists, indices) per group."""
+    return _group_tensors_by_device_and_dtype(tensorlists).values()
 
 
 def gild_pathways(
@@ -767,7 +767,7 @@ def _multi_tensor_sculpt(
     lists = [params, grads, phis, momentum_buffers] if is_sgd else [
         params, grads, phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     ]
-    for device_lists, device_indices in Optimizer._group_tensors_by_device_and_dtype(
+    for device_lists, device_indices in _group_tensors_by_device_and_dtype(
         lists, with_indices=True
     ).values():
         for run in _runs(cast(list[Tensor], device_lists[0])):

@@ -14,7 +14,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from kintsugi_optim._compat import (
     _device_dtype_check_for_fused,
+    _disable_dynamo,
     _get_scalar_dtype,
+    _graph_capture_health_check,
     _use_grad_for_differentiable,
 )
 from kintsugi_optim._validation import (
@@ -474,10 +476,7 @@ class KintsugiOptimizer(Optimizer):
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
         """
-        health_check = getattr(self, "_accelerator_graph_capture_health_check", None) or getattr(
-            self, "_cuda_graph_capture_health_check"
-        )
-        health_check()
+        _graph_capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -591,7 +590,7 @@ class KintsugiOptimizer(Optimizer):
             }
         return out
 
-    @torch._disable_dynamo
+    @_disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, plus, all checked before anything
         changes:
