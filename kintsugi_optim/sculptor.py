@@ -168,19 +168,26 @@ def _phi_dtypes(group: dict[str, Any]) -> set[torch.dtype]:
     return {phi_dtype(p) for p in group["params"] if p.is_floating_point() or p.is_complex()}
 
 
+def _plain_number_(group: dict[str, Any], key: str) -> None:
+    """``group[key]`` as a Python number (each of ``betas``) where it is a numpy or Fraction
+    one. Values are replaced only where they change, so the identity check of
+    :meth:`KintsugiOptimizer._check_group` sees an unchanged group as unchanged."""
+    value = group[key]
+    if key == "betas" and isinstance(value, (tuple, list)):
+        plain = tuple(plain_number(b) for b in value)
+        if any(a is not b for a, b in zip(plain, value)):
+            group[key] = plain
+    elif type(value) not in _PLAIN_TYPES:
+        group[key] = plain_number(value)
+
+
 def _plain_numbers_(group: dict[str, Any]) -> None:
     """numpy and Fraction hyperparameters become Python floats in place (the kernels and
     ``_foreach_`` ops take Python numbers and tensors only); None weight_decay is the rule's
     default, as in the constructor."""
-    # Values are replaced only where they change, so the identity check of _check_group
-    # sees an unchanged group as unchanged.
-    for key, value in group.items():
-        if key == "betas" and isinstance(value, (tuple, list)):
-            plain = tuple(plain_number(b) for b in value)
-            if any(a is not b for a, b in zip(plain, value)):
-                group[key] = plain
-        elif key != "params" and type(value) not in _PLAIN_TYPES:
-            group[key] = plain_number(value)
+    for key in group:
+        if key != "params":
+            _plain_number_(group, key)
     if group.get("weight_decay") is None:
         group["weight_decay"] = _resolved_weight_decay(group)
 
@@ -339,10 +346,7 @@ class KintsugiOptimizer(Optimizer):
             if (all(k in _SCHEDULED for k in changed) and len(snapshot) == len(group)
                     and len(group["params"]) == params):
                 for key in changed:
-                    value = group[key]
-                    if type(value) not in _PLAIN_TYPES:
-                        group[key] = (tuple(map(plain_number, value)) if key == "betas"
-                                      and isinstance(value, (tuple, list)) else plain_number(value))
+                    _plain_number_(group, key)
                     _SCHEDULED[key](group)
                     snapshot[key] = group[key]
                 return
