@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from hypothesis import settings
 
@@ -19,3 +20,15 @@ def requires_torch(version: str, why: str):
     """Skip on a torch older than ``version``: CI also runs the suite on the oldest torch that
     pyproject.toml accepts, where these features are not claimed (docs/maths.md §4)."""
     return pytest.mark.skipif(torch.__version__ < version, reason=f"needs torch>={version}: {why}")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A pool of 2 gloo ranks on 127.0.0.1 (tests/rank_pool.py), one per test module."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from rank_pool import RankPool
+
+    ranks = RankPool()
+    yield ranks
+    ranks.close()

@@ -25,7 +25,6 @@ from torch.nn import functional as F
 
 from kintsugi_optim import GildedLoss, GilderOptimizer, KintsugiOptimizer, VWPR
 from conftest import requires_torch
-from rank_pool import RankPool
 
 pytestmark = pytest.mark.distributed
 # Older torch lacks DTensor rules for the ops ϕ's gilding uses (clamp_min, softplus, their foreach
@@ -35,14 +34,6 @@ requires_fsdp2 = requires_torch("2.13", "FSDP2 with DTensor ϕ")
 STEPS = 4
 GLOBAL_BATCH = 16  # each of the 2 ranks takes one half
 
-
-@pytest.fixture(scope="module")
-def pool():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    ranks = RankPool()
-    yield ranks
-    ranks.close()
 
 
 # -- shared helpers (run on the ranks) -----------------------------------------------------------

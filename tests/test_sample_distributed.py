@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from kintsugi_optim import sample_gilding
-from rank_pool import RankPool
 
 pytestmark = pytest.mark.distributed
 
@@ -24,14 +23,6 @@ MODES = {
                      ascent="multiplicative", gamma=0.1),
 }
 
-
-@pytest.fixture(scope="module")
-def pool():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    ranks = RankPool()
-    yield ranks
-    ranks.close()
 
 
 def data():

@@ -116,3 +116,14 @@ def _from_submodules(module: nn.Module) -> dict[str, Tensor]:
     require(bool(holders), "source", type(module).__name__,
             "is a module with no VWPR or GildedLoss inside; pass the optimizer for the Sculptor's ϕ")
     return out
+
+
+def checked_gilders(gilders: tuple[Any, ...]) -> list[Any]:
+    """The Gilders a framework callback steps, as a list, each checked to be an optimizer."""
+    from torch.optim import Optimizer
+
+    require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
+    for gilder in gilders:
+        require(isinstance(gilder, Optimizer), "gilder", type(gilder).__name__,
+                "must be a torch.optim.Optimizer (a GilderOptimizer)")
+    return list(gilders)

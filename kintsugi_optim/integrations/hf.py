@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from kintsugi_optim._validation import require
+from kintsugi_optim.integrations import checked_gilders
 from kintsugi_optim.vwpr import VWPR
 
 __all__ = ["GilderCallback", "VWPRTrainer", "VWPRTrainerMixin"]
@@ -41,11 +42,7 @@ class GilderCallback(TrainerCallback):
     """
 
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
-        require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
-        for gilder in gilders:
-            require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
-                    "must be a torch.optim.Optimizer (a GilderOptimizer)")
-        self.gilders = list(gilders)
+        self.gilders = checked_gilders(gilders)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for gilder in self.gilders:

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from kintsugi_optim._validation import require
+from kintsugi_optim.integrations import checked_gilders
 
 __all__ = ["GilderCallback"]
 
@@ -38,11 +39,7 @@ class GilderCallback(Callback):
     """
 
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
-        require(bool(gilders), "gilders", gilders, "give at least one GilderOptimizer")
-        for gilder in gilders:
-            require(isinstance(gilder, torch.optim.Optimizer), "gilder", type(gilder).__name__,
-                    "must be a torch.optim.Optimizer (a GilderOptimizer)")
-        self.gilders = list(gilders)
+        self.gilders = checked_gilders(gilders)
 
     def _phis(self) -> list[torch.Tensor]:
         return [p for gilder in self.gilders for group in gilder.param_groups
