@@ -113,6 +113,26 @@ def validate_gilding(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = 
     )
 
 
+def validate_parameter_gilding(group: dict[str, Any],
+                               phi_dtypes: Iterable[torch.dtype] = ()) -> None:
+    """The gilding options of a parameter-level group (the Sculptor's, ``Gilded``'s):
+    :func:`validate_gilding`, ``phi_init`` within the bounds and ϕ's dtypes, the pathway and the
+    fracture (docs/maths.md §2.1, §3.1)."""
+    from kintsugi_optim.functional import FRACTURES, PATHWAYS
+
+    phi_dtypes = tuple(phi_dtypes)
+    validate_gilding(group, phi_dtypes)
+    phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
+    require(require_nonnegative("phi_init", phi_init) >= float(phi_min), "phi_init", phi_init,
+            f"must be >= phi_min={phi_min!r}")
+    require_positive_representable("phi_init", float(phi_init), phi_dtypes)
+    if phi_max is not None:
+        require(float(phi_max) >= float(phi_init), "phi_max", phi_max,
+                f"must be >= phi_init={phi_init!r}")
+    require_choice("pathway", group["pathway"], PATHWAYS)
+    require_choice("fracture", group["fracture"], FRACTURES)
+
+
 def require_valid_phi(name: str, phi: Any) -> None:
     """A loaded or given ϕ: a floating tensor whose entries are all finite and > 0."""
     require(isinstance(phi, torch.Tensor) and phi.is_floating_point(), name,

@@ -15,15 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from kintsugi_optim._compat import _default_to_fused_or_foreach
-from kintsugi_optim._validation import (
-    require,
-    require_choice,
-    require_nonnegative,
-    validate_gilding,
-)
+from kintsugi_optim._validation import require, validate_parameter_gilding
 from kintsugi_optim.functional import (
-    FRACTURES,
-    PATHWAYS,
     _broadcast,
     _cpu_eager,
     _runs,
@@ -43,14 +36,7 @@ _GILD_KEYS = ("beta", "gamma", "l1", "phi_min", "phi_max", "phi_norm", "ascent",
 
 
 def _validate_group(group: dict[str, Any]) -> None:
-    validate_gilding(group)
-    phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
-    require_nonnegative("phi_init", phi_init)
-    require(phi_init >= phi_min, "phi_init", phi_init, f"must be >= phi_min={phi_min!r}")
-    if phi_max is not None:
-        require(phi_max >= phi_init, "phi_max", phi_max, f"must be >= phi_init={phi_init!r}")
-    require_choice("pathway", group["pathway"], PATHWAYS)
-    require_choice("fracture", group["fracture"], FRACTURES)
+    validate_parameter_gilding(group)
     # The rescale and the gilding run outside autograd: a differentiable step would be cut.
     require(not group.get("differentiable", False), "differentiable", True,
             "Gilded does not support a differentiable base optimizer")

@@ -24,14 +24,11 @@ from kintsugi_optim._validation import (
     require,
     require_choice,
     require_nonnegative,
-    require_positive_representable,
     require_valid_phi,
-    validate_gilding,
+    validate_parameter_gilding,
 )
 from kintsugi_optim.functional import (
     BASES,
-    FRACTURES,
-    PATHWAYS,
     new_phi,
     phi_dtype,
     phi_shape,
@@ -106,17 +103,7 @@ def _validate_group(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = (
                 "must be True, False or None")
     for check in _SCHEDULED.values():
         check(group)
-    phi_dtypes = tuple(phi_dtypes)
-    validate_gilding(group, phi_dtypes)
-    phi_init, phi_min, phi_max = group["phi_init"], group["phi_min"], group["phi_max"]
-    require(require_nonnegative("phi_init", phi_init) >= float(phi_min), "phi_init", phi_init,
-            f"must be >= phi_min={phi_min!r}")
-    require_positive_representable("phi_init", float(phi_init), phi_dtypes)
-    if phi_max is not None:
-        require(float(phi_max) >= float(phi_init), "phi_max", phi_max,
-                f"must be >= phi_init={phi_init!r}")
-    require_choice("pathway", group["pathway"], PATHWAYS)
-    require_choice("fracture", group["fracture"], FRACTURES)
+    validate_parameter_gilding(group, phi_dtypes)
     if group["fused"]:
         if group["foreach"]:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
