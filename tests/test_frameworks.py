@@ -290,6 +290,62 @@ def test_hf_trainer_keeps_vwpr_batch_columns_and_finds_labels(tmp_path):
     assert "bert.encoder.layer.0.attention.self.query" in vwpr.gated_layers()
 
 
+
+class PoisonableRegressor(nn.Module):
+    """A model the Trainer can run (forward names its inputs and returns the loss) whose next
+    loss can be made NaN, so that a gradient scaler skips that step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.poison = False
+
+    def forward(self, x, labels):
+        loss = F.mse_loss(self.net(x).squeeze(-1), labels)
+        if self.poison:
+            self.poison = False
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+@needs("transformers", "accelerate")
+def test_hf_gilder_callback_unscales_phi_and_skips_with_theta_under_a_grad_scaler(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from kintsugi_optim.integrations.hf import GilderCallback
+
+    # Every batch is the same (one row holding 8 examples), so a run whose first step the scaler
+    # skips must end where a run one step shorter does. accelerate makes no scaler on a CPU (fp16 is for GPUs): the test
+    # gives the Trainer's accelerator a CPU GradScaler, which it then uses as on a GPU (loss
+    # scaled in accelerator.backward, θ stepped by scaler.step and scaler.update()).
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    rows = [{"x": x, "labels": x.sum(1)}] * 8
+
+    def train(max_steps, scaler=None):
+        torch.manual_seed(0)
+        model = PoisonableRegressor()
+        vwpr = VWPR(model)
+        gilder = GilderOptimizer(vwpr.phi_parameters(), beta=0.5)  # fracture="abs": scale-bound
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, max_grad_norm=0,
+                                 per_device_train_batch_size=1, report_to=[], use_cpu=True,
+                                 disable_tqdm=True, save_strategy="no", lr_scheduler_type="constant")
+        trainer = Trainer(model=vwpr, args=args, train_dataset=rows,
+                          optimizers=(torch.optim.SGD(vwpr.theta_parameters(), lr=0.1), None),
+                          callbacks=[GilderCallback(gilder)])
+        if scaler is not None:
+            trainer.accelerator.scaler = scaler
+            model.poison = True
+        trainer.train()
+        return trainer, vwpr
+
+    _, plain = train(3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled_trainer, scaled = train(4, scaler)
+    assert scaled_trainer.optimizer.scaler is scaler and scaler.get_scale() == 2.0**11  # 1 skip
+    assert not all(torch.equal(phi, torch.ones_like(phi)) for phi in plain.phi_parameters())
+    for (name, a), b in zip(scaled.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # θ and ϕ
+
 def test_timm_registers_names_timm_accepts():
     ok, reason = timm_importable()
     if not ok:

@@ -37,8 +37,11 @@ class GilderCallback(TrainerCallback):
     gradient), and the Gilder steps after the Trainer's θ step (``on_optimizer_step``). The Trainer
     clears ϕ.grad only for a VWPR that is the model itself (``model.zero_grad()``); this
     callback clears every ϕ.grad of its Gilder after the step, and at the start of training.
-    With fp16 and a gradient scaler (CUDA), the Trainer unscales only θ's gradients: use
-    ``fracture="relative"`` on the Gilder (scale-free) or keep to bf16.
+
+    Under fp16 with a gradient scaler (accelerate's, on the ``AcceleratedOptimizer``), ϕ.grad is
+    scaled like θ's gradient. It is unscaled with that scaler before θ's step
+    (``scaler.unscale_``, so an inf in ϕ.grad also lowers the scale), and the Gilder does not
+    step when the scaler skipped θ's step; ϕ then follows the unscaled run.
     """
 
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
@@ -48,9 +51,20 @@ class GilderCallback(TrainerCallback):
         for gilder in self.gilders:
             gilder.zero_grad()
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
+        # Before θ's step, as the scale may change in the scaler.update() that follows it.
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            for gilder in self.gilders:
+                scaler.unscale_(gilder)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                          **kwargs: Any) -> None:
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # inf in θ's gradient
         for gilder in self.gilders:
-            gilder.step()
+            if not skipped:
+                gilder.step()
             gilder.zero_grad()
 
 
