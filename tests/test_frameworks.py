@@ -263,6 +263,67 @@ def test_lightning_gilder_callback_counts_theta_steps_and_resumes_phi(tmp_path):
     torch.testing.assert_close(half.criterion.phi.detach(), phi, rtol=0, atol=2e-3)
 
 
+
+class InfGradient(torch.autograd.Function):
+    """Identity whose backward returns inf: overflows θ's gradient but not the loss."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+@needs("lightning")
+def test_lightning_gilder_callback_skips_phi_when_the_scaler_skips_theta():
+    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from kintsugi_optim.integrations.lightning import GilderCallback
+
+    # One batch repeated: a 16-mixed run whose first θ step the scaler skips (θ's gradient
+    # overflows, the loss and so a GildedLoss's ϕ.grad do not) must end where a run one step
+    # shorter does. Lightning picks bf16 on a CPU, so the scaler is given explicitly.
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    loader = torch.utils.data.DataLoader([(x, y)] * 8, batch_size=None)
+
+    class Module(LightningModule):
+        def __init__(self, criterion, poison):
+            super().__init__()
+            self.net = nn.Linear(6, 3)
+            self.poison = poison
+            object.__setattr__(self, "criterion", criterion)
+
+        def training_step(self, batch, batch_idx):
+            inputs, labels = batch
+            weight = InfGradient.apply(self.net.weight) if self.poison else self.net.weight
+            self.poison = False
+            logits = F.linear(inputs, weight, self.net.bias)
+            return self.criterion(F.cross_entropy(logits, labels, reduction="none"), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+    def fit(max_steps, poison):
+        torch.manual_seed(0)
+        criterion, gilder = group_dro(3, step_size=0.5)
+        module = Module(criterion, poison)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False,
+                plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                callbacks=[GilderCallback(gilder)]).fit(module, loader)
+        return module, scaler
+
+    plain, plain_scaler = fit(3, poison=False)
+    skipped, skipped_scaler = fit(4, poison=True)
+    assert plain_scaler.get_scale() == 2.0**12 and skipped_scaler.get_scale() == 2.0**11
+    assert not torch.equal(plain.criterion.phi, torch.ones(3))
+    torch.testing.assert_close(skipped.criterion.phi, plain.criterion.phi, rtol=0, atol=0)
+    torch.testing.assert_close(skipped.net.weight, plain.net.weight, rtol=0, atol=0)
+
 @needs("transformers", "accelerate")
 def test_hf_trainer_keeps_vwpr_batch_columns_and_finds_labels(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
