@@ -11,10 +11,12 @@ accumulation, clipping and ``max_steps`` behave as with the θ optimizer alone.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kintsugi_optim._validation import require
 from kintsugi_optim.integrations import checked_gilders
@@ -42,10 +44,14 @@ class GilderCallback(TrainerCallback):
     scaled like θ's gradient. It is unscaled with that scaler before θ's step
     (``scaler.unscale_``, so an inf in ϕ.grad also lowers the scale), and the Gilder does not
     step when the scaler skipped θ's step; ϕ then follows the unscaled run.
+
+    When the Trainer's first checkpoint of a VWPR model holds a bare state dict (the plain
+    ``Trainer``, not :class:`VWPRTrainer`), it warns once that ``from_pretrained`` cannot read it.
     """
 
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
         self.gilders = checked_gilders(gilders)
+        self._warned_bare_save = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for gilder in self.gilders:
@@ -66,6 +72,27 @@ class GilderCallback(TrainerCallback):
             if not skipped:
                 gilder.step()
             gilder.zero_grad()
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
+                **kwargs: Any) -> None:
+        # The plain Trainer saves a VWPR as a bare state dict that from_pretrained cannot read,
+        # and no hook of its save_model() can change that; a checkpoint is the first chance to
+        # say so, judged by what was written rather than by the Trainer's class.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if (self._warned_bare_save or not args.should_save or not isinstance(model, VWPR)
+                or not callable(getattr(model.model, "save_pretrained", None))
+                or not os.path.isdir(folder)
+                or os.path.isfile(os.path.join(folder, GILDING_WEIGHTS_NAME))):
+            return
+        self._warned_bare_save = True
+        warnings.warn(
+            f"{folder} holds the VWPR as a bare state dict (keys model.*, gilding_weights.*), as "
+            "the plain Trainer saves any model that is not a PreTrainedModel: this Trainer's "
+            "resume_from_checkpoint restores θ and ϕ from it, but from_pretrained cannot read it "
+            "(it builds an untrained model and reports every weight MISSING), and neither can "
+            "from_pretrained read trainer.save_model()'s folder. Use "
+            "kintsugi_optim.integrations.hf.VWPRTrainer (or VWPRTrainerMixin), or "
+            "vwpr.save_pretrained(path) (docs/frameworks.md).", UserWarning, stacklevel=2)
 
 
 class VWPRTrainerMixin:
