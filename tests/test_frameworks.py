@@ -3,13 +3,17 @@
 The examples run as scripts (tiny models built from configs, no downloads, a few steps) and
 check their own claims (eval_loss present, from_pretrained round trip, bitwise resume,
 global_step = θ steps). Each test skips when its framework is not installed; the ``test`` extra
-installs all of them but timm (see pyproject.toml).
+installs all of them but timm, whose tests CI runs in a venv of their own (``timm`` extra; see
+docs/frameworks.md and .ci/run).
 """
 
+import functools
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -27,21 +31,69 @@ def needs(*modules):
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)}")
 
 
-def run_example(script, cwd):
-    result = subprocess.run([sys.executable, str(EXAMPLES / script)], capture_output=True,
-                            text=True, timeout=600, cwd=cwd)
+def run_example(script, cwd, prelude=None):
+    """Run examples/<script> as `python <script>` does, after the code ``prelude`` if given."""
+    command = [sys.executable, str(EXAMPLES / script)]
+    if prelude is not None:
+        command[1:] = ["-c", f"{prelude}import runpy; runpy.run_path({command[1]!r}, "
+                             "run_name='__main__')"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
 
+_TORCHVISION_STAND_INS = []
+
+
+def declare_missing_torchvision_ops():
+    """Let timm import beside a torchvision whose compiled ops cannot load.
+
+    timm imports torchvision, and uses only its Python (transforms, FrozenBatchNorm2d). The
+    package index serves only CUDA builds of torchvision, whose ops library needs CUDA torch.
+    Beside a CPU torch it fails to load, which torchvision tolerates, except that its Python
+    registers fake kernels for two ops, nms and qnms, without checking: "operator
+    torchvision::nms does not exist". Declaring those two schemas first lets it import; calling
+    them would still fail. Where the ops library loads (a torchvision built for this torch),
+    nothing is declared.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or _TORCHVISION_STAND_INS or hasattr(torch.ops.torchvision, "nms"):
+        return
+    library = next(pathlib.Path(spec.origin).parent.glob("_C*.so"), None)
+    try:
+        if library is not None:
+            torch.ops.load_library(str(library))
+            return
+    except OSError:  # "libtorch_cuda.so: cannot open shared object file"
+        pass
+    stand_in = torch.library.Library("torchvision", "DEF")  # kept alive: it owns the schemas
+    for op in ("nms", "qnms"):
+        stand_in.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_STAND_INS.append(stand_in)
+
+
+# Run first in a subprocess that imports timm.
+TIMM_PRELUDE = (f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+                "import test_frameworks; test_frameworks.declare_missing_torchvision_ops(); ")
+
+
+@functools.cache
 def timm_importable():
-    """timm imports torchvision, which fails to load when its build does not match torch's."""
+    """timm imports torchvision, which must at least import (see above)."""
     if importlib.util.find_spec("timm") is None:
-        return False, "needs timm (the 'timm' extra)"
-    probe = subprocess.run([sys.executable, "-c", "import timm.optim"], capture_output=True,
-                           text=True, timeout=300)
+        return False, "needs timm (the 'timm' extra; CI runs it in a venv of its own)"
+    probe = subprocess.run([sys.executable, "-c", TIMM_PRELUDE + "import timm.optim"],
+                           capture_output=True, text=True, timeout=300)
     last = (probe.stderr.strip().splitlines() or [""])[-1]
     return probe.returncode == 0, f"timm does not import here: {last}"
+
+
+def require_timm():
+    """Skip without an importable timm; fail instead where KINTSUGI_REQUIRE_TIMM is set (CI's
+    timm venv), so that a broken install cannot pass as a skip."""
+    ok, reason = timm_importable()
+    if not ok:
+        (pytest.fail if os.environ.get("KINTSUGI_REQUIRE_TIMM") else pytest.skip)(reason)
 
 
 # -- gilding(obj): every ϕ holder, wrapped or not --------------------------------------------
@@ -188,10 +240,8 @@ def test_accelerate_example(tmp_path):
 
 
 def test_timm_example(tmp_path):
-    ok, reason = timm_importable()
-    if not ok:
-        pytest.skip(reason)
-    out = run_example("timm_sculptor.py", tmp_path)
+    require_timm()
+    out = run_example("timm_sculptor.py", tmp_path, prelude=TIMM_PRELUDE)
     assert "'kintsugi'" in out and "weight decay per group [0.0, 0.05]" in out
 
 
@@ -408,9 +458,8 @@ def test_hf_gilder_callback_unscales_phi_and_skips_with_theta_under_a_grad_scale
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # θ and ϕ
 
 def test_timm_registers_names_timm_accepts():
-    ok, reason = timm_importable()
-    if not ok:
-        pytest.skip(reason)
+    require_timm()
+    declare_missing_torchvision_ops()
     import timm.optim
 
     from kintsugi_optim.integrations.timm import TIMM_NAMES, register_timm
@@ -454,7 +503,9 @@ def test_vwpr_trainer_saves_for_from_pretrained_and_resumes_theta_and_phi(tmp_pa
                                                  momentum=0.9), None)), vwpr
 
     whole, vwpr = trainer(VWPRTrainer, "whole")
-    whole.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*from_pretrained cannot read it")
+        whole.train()  # its checkpoints hold gilding_weights.pt: no warning
     whole.save_model(str(tmp_path / "final"))
     reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "final"))
     for (name, a), b in zip(reloaded.state_dict().items(), vwpr.model.state_dict().values()):
@@ -468,10 +519,13 @@ def test_vwpr_trainer_saves_for_from_pretrained_and_resumes_theta_and_phi(tmp_pa
     for a, b in zip(resumed_vwpr.state_dict().values(), vwpr.state_dict().values()):
         assert torch.equal(a, b)  # θ and ϕ: bitwise the uninterrupted run
 
-    # The plain Trainer writes a bare state dict without config (what VWPRTrainer fixes), and a
-    # VWPRTrainer refuses to resume from it rather than restart ϕ at 1.
-    plain, _ = trainer(Trainer, "plain", max_steps=2)
-    plain.train()
+    # The plain Trainer writes a bare state dict without config (what VWPRTrainer fixes), and
+    # the GilderCallback says so at its first checkpoint; a VWPRTrainer refuses to resume from
+    # it rather than restart ϕ at 1.
+    plain, _ = trainer(Trainer, "plain", max_steps=4)
+    with pytest.warns(UserWarning, match=r"checkpoint-2 holds the VWPR as a bare state dict") as record:
+        plain.train()
+    assert sum("bare state dict" in str(w.message) for w in record) == 1  # once, not per save
     assert not (tmp_path / "plain" / "checkpoint-2" / "config.json").exists()
     with pytest.raises(ValueError, match=r"Invalid resume_from_checkpoint: .*no gilding_weights.pt"):
         trainer(VWPRTrainer, "other")[0].train(
