@@ -526,10 +526,16 @@ def test_vwpr_trainer_saves_for_from_pretrained_and_resumes_theta_and_phi(tmp_pa
     # The plain Trainer writes a bare state dict without config (what VWPRTrainer fixes), and
     # the GilderCallback says so at its first checkpoint; a VWPRTrainer refuses to resume from
     # it rather than restart ϕ at 1.
-    plain, _ = trainer(Trainer, "plain", max_steps=4)
+    plain, plain_vwpr = trainer(Trainer, "plain", max_steps=4)
     with pytest.warns(UserWarning, match=r"checkpoint-2 holds the VWPR as a bare state dict") as record:
         plain.train()
     assert sum("bare state dict" in str(w.message) for w in record) == 1  # once, not per save
+    # What the plain Trainer does get right: its own resume reads the bare state dict back.
+    again, again_vwpr = trainer(Trainer, "again", max_steps=4)
+    with pytest.warns(UserWarning, match="bare state dict"):
+        again.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+    for a, b in zip(again_vwpr.state_dict().values(), plain_vwpr.state_dict().values()):
+        assert torch.equal(a, b)  # θ and ϕ
     assert not (tmp_path / "plain" / "checkpoint-2" / "config.json").exists()
     with pytest.raises(ValueError, match=r"Invalid resume_from_checkpoint: .*no gilding_weights.pt"):
         trainer(VWPRTrainer, "other")[0].train(
