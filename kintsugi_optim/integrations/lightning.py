@@ -35,7 +35,8 @@ class GilderCallback(Callback):
     ``global_step`` counts θ's steps only. Under ``precision="16-mixed"`` ϕ.grad is scaled like
     θ's: it is unscaled there with Lightning's gradient scaler (``scaler.unscale_``, so an inf in
     ϕ.grad also lowers the scale), and the Gilders step after θ's step (``on_train_batch_end``),
-    only if the scaler took it: a step skipped for θ is skipped for ϕ. Their state and their ϕ
+    only if the scale did not drop (no inf in θ's gradient nor in ϕ's): a step skipped for θ is
+    skipped for ϕ. Their state and their ϕ
     tensors are saved with the checkpoint (``state_dict``) and restored on resume, which matters
     for a GildedLoss, whose ϕ is not in the model.
     """
