@@ -43,7 +43,8 @@ class GilderCallback(TrainerCallback):
     Under fp16 with a gradient scaler (accelerate's, on the ``AcceleratedOptimizer``), ϕ.grad is
     scaled like θ's gradient. It is unscaled with that scaler before θ's step
     (``scaler.unscale_``, so an inf in ϕ.grad also lowers the scale), and the Gilder does not
-    step when the scaler skipped θ's step; ϕ then follows the unscaled run.
+    step when the scale dropped (an inf in θ's gradient or ϕ's): a step skipped for θ is skipped
+    for ϕ, and ϕ follows the unscaled run.
 
     When the Trainer's first checkpoint of a VWPR model holds a bare state dict (the plain
     ``Trainer``, not :class:`VWPRTrainer`), it warns once that ``from_pretrained`` cannot read it.
@@ -52,6 +53,7 @@ class GilderCallback(TrainerCallback):
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
         self.gilders = checked_gilders(gilders)
         self._warned_bare_save = False
+        self._scale_before_step: float | None = None  # set while a scaled ϕ step is pending
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for gilder in self.gilders:
@@ -61,13 +63,19 @@ class GilderCallback(TrainerCallback):
                               **kwargs: Any) -> None:
         # Before θ's step, as the scale may change in the scaler.update() that follows it.
         scaler = getattr(optimizer, "scaler", None)
+        self._scale_before_step = None
         if scaler is not None and scaler.is_enabled():
+            self._scale_before_step = scaler.get_scale()
             for gilder in self.gilders:
                 scaler.unscale_(gilder)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
                           **kwargs: Any) -> None:
         skipped = bool(getattr(optimizer, "step_was_skipped", False))  # inf in θ's gradient
+        if self._scale_before_step is not None:
+            # scaler.update() lowers the scale on an inf in θ's gradient or in ϕ's.
+            skipped = skipped or optimizer.scaler.get_scale() < self._scale_before_step
+            self._scale_before_step = None
         for gilder in self.gilders:
             if not skipped:
                 gilder.step()
