@@ -11,10 +11,12 @@ accumulation, clipping and ``max_steps`` behave as with the θ optimizer alone.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kintsugi_optim._validation import require
 from kintsugi_optim.integrations import checked_gilders
@@ -37,21 +39,68 @@ class GilderCallback(TrainerCallback):
     gradient), and the Gilder steps after the Trainer's θ step (``on_optimizer_step``). The Trainer
     clears ϕ.grad only for a VWPR that is the model itself (``model.zero_grad()``); this
     callback clears every ϕ.grad of its Gilder after the step, and at the start of training.
-    With fp16 and a gradient scaler (CUDA), the Trainer unscales only θ's gradients: use
-    ``fracture="relative"`` on the Gilder (scale-free) or keep to bf16.
+
+    Under fp16 with a gradient scaler (accelerate's, on the ``AcceleratedOptimizer``), ϕ.grad is
+    scaled like θ's gradient. It is unscaled with that scaler before θ's step
+    (``scaler.unscale_``, so an inf in ϕ.grad also lowers the scale), and the Gilder does not
+    step when the scale dropped (an inf in θ's gradient or ϕ's): a step skipped for θ is skipped
+    for ϕ, and ϕ follows the unscaled run.
+
+    When the Trainer's first checkpoint of a VWPR model holds a bare state dict (the plain
+    ``Trainer``, not :class:`VWPRTrainer`), it warns once that ``from_pretrained`` cannot read it.
     """
 
     def __init__(self, *gilders: torch.optim.Optimizer) -> None:
         self.gilders = checked_gilders(gilders)
+        self._warned_bare_save = False
+        self._scale_before_step: float | None = None  # set while a scaled ϕ step is pending
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for gilder in self.gilders:
             gilder.zero_grad()
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
+        # Before θ's step, as the scale may change in the scaler.update() that follows it.
+        scaler = getattr(optimizer, "scaler", None)
+        self._scale_before_step = None
+        if scaler is not None and scaler.is_enabled():
+            self._scale_before_step = scaler.get_scale()
+            for gilder in self.gilders:
+                scaler.unscale_(gilder)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                          **kwargs: Any) -> None:
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # inf in θ's gradient
+        if self._scale_before_step is not None:
+            # scaler.update() lowers the scale on an inf in θ's gradient or in ϕ's.
+            skipped = skipped or optimizer.scaler.get_scale() < self._scale_before_step
+            self._scale_before_step = None
         for gilder in self.gilders:
-            gilder.step()
+            if not skipped:
+                gilder.step()
             gilder.zero_grad()
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
+                **kwargs: Any) -> None:
+        # The plain Trainer saves a VWPR as a bare state dict that from_pretrained cannot read,
+        # and no hook of its save_model() can change that; a checkpoint is the first chance to
+        # say so, judged by what was written rather than by the Trainer's class.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if (self._warned_bare_save or not args.should_save or not isinstance(model, VWPR)
+                or not callable(getattr(model.model, "save_pretrained", None))
+                or not os.path.isdir(folder)
+                or os.path.isfile(os.path.join(folder, GILDING_WEIGHTS_NAME))):
+            return
+        self._warned_bare_save = True
+        warnings.warn(
+            f"{folder} holds the VWPR as a bare state dict (keys model.*, gilding_weights.*), as "
+            "the plain Trainer saves any model that is not a PreTrainedModel: this Trainer's "
+            "resume_from_checkpoint restores θ and ϕ from it, but from_pretrained cannot read it "
+            "(it builds an untrained model and reports every weight MISSING), and neither can "
+            "from_pretrained read trainer.save_model()'s folder. Use "
+            "kintsugi_optim.integrations.hf.VWPRTrainer (or VWPRTrainerMixin), or "
+            "vwpr.save_pretrained(path) (docs/frameworks.md).", UserWarning, stacklevel=2)
 
 
 class VWPRTrainerMixin:
