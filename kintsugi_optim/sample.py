@@ -230,14 +230,14 @@ class SampleGildedLoss(nn.Module):
             _invalid("indices", indices, f"must have the shape of losses, {tuple(losses.shape)}")
         if indices.numel() == 0:
             return
-        # One reduction each: the indices' range, and the losses' sum (NaN or ±inf iff a loss is
-        # not finite, or, in float64 accumulation, the sum of finite losses past 1e308).
+        # One reduction each: the indices' range, and the losses' sum, which is NaN or ±inf when
+        # a loss is not finite (or when finite losses overflow it: then each one is checked).
         low, high = torch.aminmax(indices)
-        total = losses.detach().sum(dtype=torch.float64)
+        total = losses.detach().sum()
         if indices.device.type == "cpu":  # reading a CPU scalar costs no sync
             low, high, total = int(low), int(high), float(total)
         else:  # one host sync per batch for both: the price of a clear error before ϕ changes
-            low, high, total = torch.stack([low.double(), high.double(), total]).tolist()
+            low, high, total = torch.stack([low.double(), high.double(), total.double()]).tolist()
         if low < 0 or high >= self.num_samples:
             bad_index = (indices < 0) | (indices >= self.num_samples)
             bad = indices[bad_index].unique()[:8].tolist()

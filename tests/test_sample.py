@@ -238,12 +238,13 @@ def test_firing_steps_and_the_record_window():
 
 
 def test_huge_finite_losses_are_accepted():
-    """The finiteness check sums in float64; a sum that overflows is checked element-wise."""
+    """The finiteness check sums the losses; a sum that overflows is checked element-wise."""
     criterion, _ = sample_gilding(3, firing_fraction=None)
-    losses = torch.tensor([1e308, 1e308, 1.0], dtype=torch.float64)
-    assert criterion(losses, torch.arange(3)).isinf()  # the mean itself overflows, no error
-    with pytest.raises(ValueError, match=r"Invalid losses: \[inf\]"):
-        criterion(torch.tensor([1e308, float("inf")], dtype=torch.float64), torch.arange(2))
+    for dtype, big in ((torch.float64, 1e308), (torch.float32, 3e38), (torch.float16, 6e4)):
+        losses = torch.tensor([big, big, 1.0], dtype=dtype)
+        criterion(losses, torch.arange(3))  # their sum overflows: no error, the losses are finite
+        with pytest.raises(ValueError, match=r"Invalid losses: \[inf\]"):
+            criterion(torch.tensor([big, float("inf")], dtype=dtype), torch.arange(2))
 
 
 @settings(max_examples=40, deadline=None)
