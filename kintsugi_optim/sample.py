@@ -10,7 +10,7 @@ Two ways to use the memory, both here:
 
 * **re-fire** (two passes, the default): a firing run of plain training, a quarter as long as
   the main run or four epochs if that is shorter, records how often the model gets each
-  example wrong between its first and fourth epoch; :meth:`SampleGildedLoss.refire` turns that
+  example wrong in its second to fourth epochs; :meth:`SampleGildedLoss.refire` turns that
   record into fixed weights; training then starts again from a fresh model. This is JTT's idea
   (Liu et al., 2021) in Kintsugi's terms, with the errors read on the fly from the firing
   run's own forward passes (no extra pass over the data) and averaged over visits, and the
@@ -323,6 +323,7 @@ class SampleGilder(GilderOptimizer):
         if crit.firing:
             in_window = crit.firing_epochs is None or visits_before < crit.firing_epochs * N
             if crit.accumulate == "last" and in_window:
+                # the last visit wins, in rank order
                 phi.index_put_((indices,), _fracture(losses, crit.fracture).add_(1))
             elif crit.accumulate == "mean" and warm and count and in_window:
                 phi.index_add_(0, indices, _fracture(losses, crit.fracture))
