@@ -171,12 +171,21 @@ class SampleGildedLoss(nn.Module):
 
     def forward(self, losses: Tensor, indices: Tensor) -> Tensor:
         """Weighted loss of a batch: ``losses`` [B] floating and finite, ``indices`` [B] int64."""
-        self._check(losses, indices)
-        if self.fired:  # ϕ frozen at mean 1: a gather and one dot product (one autograd node)
-            if self.reduction == "dataset" and losses.dtype == self.phi.dtype:
-                return torch.dot(losses, self.phi.index_select(0, indices).mul_(
-                    1.0 / max(losses.numel(), 1)))
-        elif self.training and torch.is_grad_enabled():
+        # After refire(), ϕ frozen at mean 1, a step is a gather and one dot product (one autograd
+        # node). On the CPU the gather checks the indices' range itself, and ϕ cannot change
+        # before it, so the range check is left to it.
+        fast = (self.fired and self.reduction == "dataset" and isinstance(losses, Tensor)
+                and losses.dtype == self.phi.dtype and losses.numel() > 0
+                and isinstance(indices, Tensor) and indices.is_cpu and self.phi.is_cpu)
+        self._check(losses, indices, check_range=not fast)
+        if fast:
+            try:
+                weights = self.phi.index_select(0, indices)
+            except IndexError:
+                self._check(losses, indices)  # the ValueError naming the indices
+                raise
+            return torch.dot(losses, weights.mul_(1.0 / losses.numel()))
+        if not self.fired and self.training and torch.is_grad_enabled():
             self._pending.append((indices.detach(), losses.detach()))
         if self.firing:
             return losses.mean()
@@ -220,7 +229,7 @@ class SampleGildedLoss(nn.Module):
             self.phi.copy_(phi.mul_(self.num_samples / phi.sum()))
         self.fired = True
 
-    def _check(self, losses: Tensor, indices: Tensor) -> None:
+    def _check(self, losses: Tensor, indices: Tensor, *, check_range: bool = True) -> None:
         if not (isinstance(losses, Tensor) and losses.dim() == 1 and losses.is_floating_point()):
             _invalid("losses", losses, "expected per-example losses, a 1-d floating tensor [B]: "
                      "compute the base loss with reduction='none'")
@@ -232,11 +241,14 @@ class SampleGildedLoss(nn.Module):
             return
         # One reduction each: the indices' range, and the losses' sum, which is NaN or ±inf when
         # a loss is not finite (or when finite losses overflow it: then each one is checked).
-        low, high = torch.aminmax(indices)
         total = losses.detach().sum()
-        if indices.device.type == "cpu":  # reading a CPU scalar costs no sync
+        if not check_range:
+            low, high, total = 0, 0, float(total)
+        elif indices.device.type == "cpu":  # reading a CPU scalar costs no sync
+            low, high = torch.aminmax(indices)
             low, high, total = int(low), int(high), float(total)
         else:  # one host sync per batch for both: the price of a clear error before ϕ changes
+            low, high = torch.aminmax(indices)
             low, high, total = torch.stack([low.double(), high.double(), total.double()]).tolist()
         if low < 0 or high >= self.num_samples:
             bad_index = (indices < 0) | (indices >= self.num_samples)

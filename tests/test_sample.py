@@ -185,6 +185,21 @@ def test_bad_batches_raise_naming_the_argument_and_change_nothing(losses, indice
     assert torch.equal(criterion.phi, torch.ones(10)) and criterion.visits == 0
 
 
+@pytest.mark.parametrize("indices,match", [
+    (torch.tensor([0, 10]), r"Invalid indices: \[10\].*\[0, 10\)"),
+    (torch.tensor([-1, 0], dtype=torch.int32), r"Invalid indices: \[-1\]"),
+    (torch.tensor([0.0, 1.0]), r"Invalid indices: .*torch.float32"),
+])
+def test_bad_indices_after_refire_raise_naming_them(indices, match):
+    """After refire() the gather itself checks the range on the CPU: the same ValueError."""
+    criterion, _ = sample_gilding(10, upweight=2.0, accumulate="last")
+    criterion.refire()
+    with pytest.raises(ValueError, match=match):
+        criterion(torch.ones(2), indices)
+    with pytest.raises(ValueError, match=r"Invalid losses: \[nan\]"):
+        criterion(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_samples=0), r"Invalid num_samples: 0"),
     (dict(num_samples=-3), r"Invalid num_samples: -3"),
