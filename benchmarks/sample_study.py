@@ -84,6 +84,7 @@ class Config:
     firing: float = 0.0
     accumulate: str = "mean"  # refire: mean over visits (mean1: after the first epoch), last, ema
     upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
+    persist: str = "rate"  # refire: e = the error rate, its square, or 1 when wrong in most visits
     state: dict = field(default_factory=dict)
 
 
@@ -116,6 +117,10 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     if cfg.accumulate == "mean1":
         visits = max(visits - N, 0)
     e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
+    if cfg.persist == "square":  # persistent errors count more than occasional ones
+        e = e * e
+    elif cfg.persist == "most":
+        e = (e >= 0.5).float()
     if str(cfg.upweight).startswith("balanced"):  # "balanced×2": twice the balanced λ
         scale = float(cfg.upweight.split("×")[1]) if "×" in cfg.upweight else 1.0
         lam = scale * N / max(float(e.sum()), 1e-12)
@@ -302,6 +307,9 @@ def epochs_grid(epochs) -> list[Config]:
                 for weighting in ("dataset", "sample"):
                     out.append(Config(f"re-fire {e:g}ep error {acc} λ={lam} {weighting}", "refire",
                                       accumulate=acc, firing=f, upweight=lam, weighting=weighting))
+        for persist in ("square", "most"):
+            out.append(Config(f"re-fire {e:g}ep error mean1 λ=balanced dataset {persist}", "refire",
+                              accumulate="mean1", firing=f, persist=persist))
         out.append(Config(f"JTT {e:g}ep λ=50", "jtt", firing=f, upweight=50))
         out.append(Config(f"JTT {e:g}ep λ=balanced", "jtt", firing=f, upweight="balanced"))
     return out
