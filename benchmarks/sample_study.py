@@ -22,6 +22,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -79,10 +80,11 @@ class Config:
     warmup: float = 0.0  # epochs without gilding (one pass)
     gamma: float = 0.0
     phi_max: float | None = None
-    weighting: str = "dataset"  # dataset: (1/B)Σϕℓ with mean ϕ = 1; batch: Σϕℓ/Σϕ
+    weighting: str = "dataset"  # dataset: (1/B)Σϕℓ with mean ϕ = 1; batch: Σϕℓ/Σϕ; sample: upsample by ϕ
     firing: float = 0.0
     accumulate: str = "mean"  # refire: mean over visits (mean1: after the first epoch), last, ema
     upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
+    persist: str = "rate"  # refire: e = the error rate, its square, or 1 when wrong in most visits
     state: dict = field(default_factory=dict)
 
 
@@ -115,8 +117,13 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     if cfg.accumulate == "mean1":
         visits = max(visits - N, 0)
     e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
-    if cfg.upweight == "balanced":
-        lam = N / max(float(e.sum()), 1e-12)
+    if cfg.persist == "square":  # persistent errors count more than occasional ones
+        e = e * e
+    elif cfg.persist == "most":
+        e = (e >= 0.5).float()
+    if str(cfg.upweight).startswith("balanced"):  # "balanced×2": twice the balanced λ
+        scale = float(cfg.upweight.split("×")[1]) if "×" in cfg.upweight else 1.0
+        lam = scale * N / max(float(e.sum()), 1e-12)
     else:
         lam = float(cfg.upweight)
     lam = min(lam, 1e3)
@@ -170,7 +177,7 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
         idx = torch.randint(0, N, (BATCH,), generator=order)
         idxs = idx.expand(K, -1).clone()
         for k, cfg in enumerate(configs):
-            if cfg.kind == "jtt":
+            if cfg.kind == "jtt" or (cfg.kind == "refire" and cfg.weighting == "sample"):
                 idxs[k] = torch.multinomial(firing_model_weights[k], BATCH, replacement=True,
                                             generator=sampler)
         logits = models(x[idxs])
@@ -180,7 +187,7 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
         terms = []
         for k, cfg in enumerate(configs):
             l, i, st = losses[k], idxs[k], cfg.state
-            if cfg.kind in ("erm", "jtt"):
+            if cfg.kind in ("erm", "jtt") or cfg.weighting == "sample":
                 terms.append(l.mean())
             elif cfg.kind == "focal":
                 p = torch.exp(-l)
@@ -289,6 +296,25 @@ def refire_grid(fractions) -> list[Config]:
     return out
 
 
+def epochs_grid(epochs) -> list[Config]:
+    """Re-fire with a firing run of a number of epochs (of the demo's 8 000 examples) instead
+    of a fraction of T: the candidate rules of the second study."""
+    out = []
+    for e in epochs:
+        f = e * 8000 / BATCH / STEPS
+        for acc in ("mean1", "last"):
+            for lam in ("balanced", "balanced×0.5", "balanced×2"):
+                for weighting in ("dataset", "sample"):
+                    out.append(Config(f"re-fire {e:g}ep error {acc} λ={lam} {weighting}", "refire",
+                                      accumulate=acc, firing=f, upweight=lam, weighting=weighting))
+        for persist in ("square", "most"):
+            out.append(Config(f"re-fire {e:g}ep error mean1 λ=balanced dataset {persist}", "refire",
+                              accumulate="mean1", firing=f, persist=persist))
+        out.append(Config(f"JTT {e:g}ep λ=50", "jtt", firing=f, upweight=50))
+        out.append(Config(f"JTT {e:g}ep λ=balanced", "jtt", firing=f, upweight="balanced"))
+    return out
+
+
 def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offset=0):
     results: dict[str, dict[str, list[dict]]] = {}
     for name in task_names:
@@ -351,57 +377,126 @@ FINALISTS = ";".join([  # from the screening round (docs/sample-gilding.md); mea
 ])
 
 
-def timing(repeats: int = 11, steps: int = 40) -> str:
-    """Median time of one training step (the demo's MLP and a wider one, batch 256, Adam, 1 thread): plain
-    ERM against the same step through sample_gilding's criterion and Gilder, in the firing run,
-    after refire() and in one-pass mode; interleaved, so machine load hits all alike."""
+DEFAULT_BEFORE = "re-fire f=0.25 error mean1 λ=balanced"
+
+
+def timing(repeats: int = 41, steps: int = 40) -> str:
+    """Time of one training step of the demo's MLP (batch 256, Adam, one thread): the demo's
+    ERM step (``F.cross_entropy(model(x), y)``) against the same step through sample_gilding's
+    criterion and Gilder, in the firing run, after refire() and in one-pass mode. Interleaved,
+    so machine load hits all alike; medians of wall time and of the thread's CPU time (which
+    leaves out the time other processes hold the core), and the least CPU time of the repeats
+    (the least disturbed). "ERM, per-example losses" is ERM's step computing the losses with
+    ``reduction="none"`` and averaging them: the part of the overhead that any per-example
+    weighting pays. Then the whole default two-pass run
+    (firing_steps(T) + T steps) against ERM's T steps, T = 400, the demo's run."""
     from kintsugi_optim import sample_gilding
 
-    lines = ["| N | MLP width | step | median ms | × ERM |", "|---|---|---|---|---|"]
-    for N, width in ((8_000, 64), (1_000_000, 64), (8_000, 1024)):
+    lines = ["| N | step | wall ms | × ERM | CPU ms | × ERM | least CPU ms | × ERM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for N in (8_000, 1_000_000):
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(N, 16, generator=g), torch.randint(0, 2, (N,), generator=g)
-        variants = {"ERM": None, "firing run": {}, "after refire()": {},
+        variants = {"ERM": None, "ERM, per-example losses": "none", "firing run": {},
+                    "after refire()": {},
                     "one pass": {"firing_fraction": None, "warmup": 0.0}}
         setups = {}
         for name, options in variants.items():
             torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
-                                        torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                        torch.nn.Linear(width, 2))
+            model = make_model(16, 2)
             opt = torch.optim.Adam(model.parameters(), lr=LR)
-            pair = sample_gilding(N, **options) if options is not None else None
+            pair = sample_gilding(N, **options) if isinstance(options, dict) else options
             if name == "after refire()":
-                pair[0].refire()
+                with warnings.catch_warnings():  # nothing recorded: ϕ ≡ 1, the cost is the same
+                    warnings.simplefilter("ignore")
+                    pair[0].refire()
             setups[name] = (model, opt, pair)
-        times = {name: [] for name in variants}
+        wall = {name: [] for name in variants}
+        cpu = {name: [] for name in variants}
         order = torch.Generator().manual_seed(1)
         for _ in range(repeats):
             for name, (model, opt, pair) in setups.items():
                 batches = [torch.randint(0, N, (BATCH,), generator=order) for _ in range(steps)]
-                t0 = time.perf_counter()
+                w0, c0 = time.perf_counter(), time.thread_time()
                 for idx in batches:
-                    losses = F.cross_entropy(model(x[idx]), y[idx], reduction="none")
-                    loss = pair[0](losses, idx) if pair else losses.mean()
-                    opt.zero_grad()
-                    if pair:
-                        pair[1].zero_grad()
-                    loss.backward()
-                    opt.step()
-                    if pair:
-                        pair[1].step()
-                times[name].append((time.perf_counter() - t0) / steps * 1e3)
-        erm = statistics.median(times["ERM"])
-        for name, ts in times.items():
-            lines.append(f"| {N:,} | {width} | {name} | {statistics.median(ts):.3f} | "
-                         f"{statistics.median(ts) / erm:.2f} |")
-    return "\n".join(lines)
+                    _step(model, opt, pair, x[idx], y[idx], idx)
+                wall[name].append((time.perf_counter() - w0) / steps * 1e3)
+                cpu[name].append((time.thread_time() - c0) / steps * 1e3)
+        erm_w, erm_c = statistics.median(wall["ERM"]), statistics.median(cpu["ERM"])
+        erm_least = min(cpu["ERM"])
+        for name in variants:
+            w, c, least = statistics.median(wall[name]), statistics.median(cpu[name]), min(cpu[name])
+            lines.append(f"| {N:,} | {name} | {w:.3f} | {w / erm_w:.2f} | {c:.3f} | "
+                         f"{c / erm_c:.2f} | {least:.3f} | {least / erm_least:.2f} |")
+    return "\n".join(lines) + "\n\n" + whole_run()
+
+
+def _step(model, opt, pair, xb, yb, idx):
+    if pair is None:  # the demo's ERM step
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        return
+    if pair == "none":  # ERM through per-example losses, as every sample weighting needs them
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb, reduction="none").mean().backward()
+        opt.step()
+        return
+    criterion, gilder = pair
+    loss = criterion(F.cross_entropy(model(xb), yb, reduction="none"), idx)
+    opt.zero_grad()
+    gilder.zero_grad()
+    loss.backward()
+    opt.step()
+    gilder.step()
+
+
+def whole_run(repeats: int = 5, T: int = 400, N: int = 8_000) -> str:
+    """Wall and CPU time of a whole run, the demo's protocol: ERM for T steps against the
+    default two-pass run (firing_steps(T) steps, refire(), a fresh model for T steps);
+    interleaved, medians over ``repeats``."""
+    from kintsugi_optim import sample_gilding
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 16, generator=g), torch.randint(0, 2, (N,), generator=g)
+    y[x[:, 0] > 1.5] = 1 - y[x[:, 0] > 1.5]  # some examples to crack
+
+    def run(two_pass: bool) -> None:
+        order = torch.Generator().manual_seed(1)
+        pair = sample_gilding(N) if two_pass else None
+        phases = [pair[0].firing_steps(T, BATCH), T] if two_pass else [T]
+        for phase, steps in enumerate(phases):
+            if phase == 1:
+                pair[0].refire()
+            torch.manual_seed(0)
+            model = make_model(16, 2)
+            opt = torch.optim.Adam(model.parameters(), lr=LR)
+            for _ in range(steps):
+                idx = torch.randint(0, N, (BATCH,), generator=order)
+                _step(model, opt, pair, x[idx], y[idx], idx)
+
+    times = {False: ([], []), True: ([], [])}
+    for _ in range(repeats):
+        for two_pass in (False, True):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            run(two_pass)
+            times[two_pass][0].append(time.perf_counter() - w0)
+            times[two_pass][1].append(time.thread_time() - c0)
+    erm_w, erm_c = (statistics.median(t) for t in times[False])
+    two_w, two_c = (statistics.median(t) for t in times[True])
+    firing = sample_gilding(N)[0].firing_steps(T, BATCH)
+    return ("| whole run, T = 400 | θ steps | wall s | × ERM | CPU s | × ERM |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| ERM | {T} | {erm_w:.2f} | 1.00 | {erm_c:.2f} | 1.00 |\n"
+            f"| re-fire (default) | {firing} + {T} | {two_w:.2f} | {two_w / erm_w:.2f} | "
+            f"{two_c:.2f} | {two_c / erm_c:.2f} |")
 
 
 def main():
     global STEPS
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["screen", "confirm", "timing"])
+    ap.add_argument("mode", choices=["screen", "confirm", "epochs", "timing"])
+    ap.add_argument("--epochs", default="2,3,4", help="firing lengths in epochs (epochs mode)")
     ap.add_argument("--fractions", default="0.1,0.25,0.5", help="firing fractions (screen)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tasks", default="rare,spurious,hidden")
@@ -417,7 +512,12 @@ def main():
     fractions = [float(f) for f in args.fractions.split(",")]
     one = baselines() + one_pass_grid()
     two = refire_grid(fractions)
-    if args.mode == "confirm" and args.only:
+    if args.mode == "epochs":
+        one = baselines()
+        two = epochs_grid([float(e) for e in args.epochs.split(",")])
+        two += [c for c in refire_grid([0.25]) if c.name == DEFAULT_BEFORE]
+        fractions = sorted({c.firing for c in two})
+    if (args.mode == "confirm" and args.only) or (args.mode == "epochs" and args.only != FINALISTS):
         keep = set(args.only.split(";")) | {c.name for c in baselines()}
         one = [c for c in one if c.name in keep]
         two = [c for c in two if c.name in keep]

@@ -9,12 +9,13 @@ data set (:func:`with_indices` makes any map-style ``Dataset`` yield it).
 Two ways to use the memory, both here:
 
 * **re-fire** (two passes, the default): a firing run of plain training, a quarter as long as
-  the main run, records how often the model gets each example wrong after its first epoch;
-  :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training then starts
-  again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's terms, with the
-  errors read on the fly from the firing run's own forward passes (no extra pass over the data)
-  and averaged over visits, and the up-weight chosen so the cracked examples weigh as much as
-  the rest ("balanced") instead of tuned per data set.
+  the main run or four epochs if that is shorter, records how often the model gets each
+  example wrong in its second to fourth epochs; :meth:`SampleGildedLoss.refire` turns that
+  record into fixed weights; training then starts again from a fresh model. This is JTT's idea
+  (Liu et al., 2021) in Kintsugi's terms, with the errors read on the fly from the firing
+  run's own forward passes (no extra pass over the data) and averaged over visits, and the
+  up-weight chosen so the cracked examples weigh as much as the rest ("balanced") instead of
+  tuned per data set.
 * **one pass** (``firing_fraction=None``): ϕ keeps rising during the one run, additively or
   multiplicatively, with damping, a cap and a warm-up.
 """
@@ -73,12 +74,16 @@ class SampleGildedLoss(nn.Module):
 
     **Re-fire** (``firing_fraction`` f in (0, 1), default 0.25): during the firing run the loss
     is the plain mean and ϕ_i − 1 sums l_i over the visits after the first ``warmup`` epochs
+    and before ``firing_epochs`` (default 4; ``None``: to the end of the firing run)
     (``accumulate="mean"``, default; read as the mean per visit: the first epoch, when nearly
-    every example is wrong, is left out) or keeps the last visit's l_i (``"last"``).
+    every example is wrong, is left out, and so are the epochs in which a long firing run
+    begins to memorise the exceptions) or keeps the last visit's l_i (``"last"``). The firing
+    run lasts ``firing_steps(T, batch_size)`` = min(f·T, ⌈firing_epochs·N / batch_size⌉)
+    steps; a loop that runs f·T steps gets the same ϕ (the later steps record nothing).
     :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = N / Σe ("balanced",
     default: the cracked examples together weigh as much as all examples at weight 1; λ capped
     at 1000) or a given λ, normalised to mean 1, and freezes it. Then train a fresh model for the
-    full run with this criterion.
+    full run with this criterion: each step costs a gather of ϕ[indices] and a dot product.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
     epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or
@@ -97,6 +102,7 @@ class SampleGildedLoss(nn.Module):
         accumulate: str = "mean",
         reduction: str = "dataset",
         warmup: float = 1.0,
+        firing_epochs: float | None = 4.0,
     ) -> None:
         super().__init__()
         require(_is_count(num_samples) and num_samples >= 1, "num_samples", num_samples,
@@ -111,6 +117,11 @@ class SampleGildedLoss(nn.Module):
         require_choice("accumulate", accumulate, ACCUMULATE)
         require_choice("reduction", reduction, REDUCTIONS)
         require_nonnegative("warmup", warmup)
+        if firing_epochs is not None:
+            require_nonnegative("firing_epochs", firing_epochs)
+            require(firing_fraction is None or firing_epochs > warmup, "firing_epochs",
+                    firing_epochs,
+                    f"must exceed warmup={warmup}: the record covers the epochs between them")
         self.num_samples = num_samples
         self.fracture = fracture
         self.firing_fraction = None if firing_fraction is None else float(firing_fraction)
@@ -118,6 +129,7 @@ class SampleGildedLoss(nn.Module):
         self.accumulate = accumulate
         self.reduction = reduction
         self.warmup = float(warmup)
+        self.firing_epochs = None if firing_epochs is None else float(firing_epochs)
         self.register_buffer("phi", torch.ones(num_samples))
         # Host-side, saved through get_extra_state: reading them never syncs with the device.
         self.visits = 0  # examples seen by the Gilder, all ranks together
@@ -129,6 +141,23 @@ class SampleGildedLoss(nn.Module):
     def firing(self) -> bool:
         """True during a re-fire criterion's firing run (plain loss, ϕ records the cracks)."""
         return self.firing_fraction is not None and not self.fired
+
+    def firing_steps(self, total_steps: int, batch_size: int) -> int:
+        """Steps of the firing run for a main run of ``total_steps`` batches of ``batch_size``
+        examples (all ranks together under DDP): ``firing_fraction``·T, or fewer when the
+        record is complete sooner (after ``firing_epochs`` epochs; steps after that record
+        nothing, so a loop that runs the full fraction gets the same ϕ, only later). 0 for a
+        one-pass criterion."""
+        require(_is_count(total_steps) and total_steps >= 0, "total_steps", total_steps,
+                "must be an int >= 0")
+        require(_is_count(batch_size) and batch_size >= 1, "batch_size", batch_size,
+                "must be an int >= 1")
+        if self.firing_fraction is None:
+            return 0
+        steps = int(self.firing_fraction * total_steps)
+        if self.firing_epochs is not None:
+            steps = min(steps, math.ceil(self.firing_epochs * self.num_samples / batch_size))
+        return steps
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"visits": self.visits, "recorded": self.recorded, "fired": self.fired}
@@ -142,9 +171,22 @@ class SampleGildedLoss(nn.Module):
 
     def forward(self, losses: Tensor, indices: Tensor) -> Tensor:
         """Weighted loss of a batch: ``losses`` [B] floating and finite, ``indices`` [B] int64."""
-        self._check(losses, indices)
-        if self.training and not self.fired and torch.is_grad_enabled():
-            self._pending.append((indices.detach(), losses.detach().float()))
+        # After refire(), ϕ frozen at mean 1, a step is a gather and one dot product (one autograd
+        # node). On the CPU the gather checks the indices' range itself, and ϕ cannot change
+        # before it, so the range check is left to it.
+        fast = (self.fired and self.reduction == "dataset" and isinstance(losses, Tensor)
+                and losses.dtype == self.phi.dtype and losses.numel() > 0
+                and isinstance(indices, Tensor) and indices.is_cpu and self.phi.is_cpu)
+        self._check(losses, indices, check_range=not fast)
+        if fast:
+            try:
+                weights = self.phi.index_select(0, indices)
+            except IndexError:
+                self._check(losses, indices)  # the ValueError naming the indices
+                raise
+            return torch.dot(losses, weights.mul_(1.0 / losses.numel()))
+        if not self.fired and self.training and torch.is_grad_enabled():
+            self._pending.append((indices.detach(), losses.detach()))
         if self.firing:
             return losses.mean()
         phi = self.phi[indices]
@@ -187,7 +229,7 @@ class SampleGildedLoss(nn.Module):
             self.phi.copy_(phi.mul_(self.num_samples / phi.sum()))
         self.fired = True
 
-    def _check(self, losses: Tensor, indices: Tensor) -> None:
+    def _check(self, losses: Tensor, indices: Tensor, *, check_range: bool = True) -> None:
         if not (isinstance(losses, Tensor) and losses.dim() == 1 and losses.is_floating_point()):
             _invalid("losses", losses, "expected per-example losses, a 1-d floating tensor [B]: "
                      "compute the base loss with reduction='none'")
@@ -197,24 +239,34 @@ class SampleGildedLoss(nn.Module):
             _invalid("indices", indices, f"must have the shape of losses, {tuple(losses.shape)}")
         if indices.numel() == 0:
             return
-        # One host sync per batch for both checks: the price of a clear error before ϕ changes.
-        low, high = torch.aminmax(indices)
-        finite = losses.detach().isfinite().all()
-        low, high, finite = torch.stack([low, high, finite.to(low.dtype)]).tolist()
+        # One reduction each: the indices' range, and the losses' sum, which is NaN or ±inf when
+        # a loss is not finite (or when finite losses overflow it: then each one is checked).
+        total = losses.detach().sum()
+        if not check_range:
+            low, high, total = 0, 0, float(total)
+        elif indices.device.type == "cpu":  # reading a CPU scalar costs no sync
+            low, high = torch.aminmax(indices)
+            low, high, total = int(low), int(high), float(total)
+        else:  # one host sync per batch for both: the price of a clear error before ϕ changes
+            low, high = torch.aminmax(indices)
+            low, high, total = torch.stack([low.double(), high.double(), total.double()]).tolist()
         if low < 0 or high >= self.num_samples:
             bad_index = (indices < 0) | (indices >= self.num_samples)
             bad = indices[bad_index].unique()[:8].tolist()
             require(False, "indices", bad, f"example indices must lie in [0, {self.num_samples})")
-        if not finite:
-            bad = losses.detach()[~losses.detach().isfinite()][:8].tolist()
-            require(False, "losses", bad, "must be finite: a non-finite loss would corrupt ϕ")
+        if not math.isfinite(total):
+            finite = losses.detach().isfinite()
+            if not bool(finite.all()):
+                bad = losses.detach()[~finite][:8].tolist()
+                require(False, "losses", bad, "must be finite: a non-finite loss would corrupt ϕ")
 
     def gilding(self) -> dict[str, Tensor]:
         """``{"samples": ϕ}``, the live tensor of shape ``[num_samples]``."""
         return {"samples": self.phi}
 
     def extra_repr(self) -> str:
-        mode = (f"firing_fraction={self.firing_fraction}, upweight={self.upweight!r}"
+        mode = (f"firing_fraction={self.firing_fraction}, firing_epochs={self.firing_epochs}, "
+                f"upweight={self.upweight!r}"
                 if self.firing_fraction is not None else f"one pass, warmup={self.warmup}")
         return (f"num_samples={self.num_samples}, fracture={self.fracture!r}, {mode}, "
                 f"reduction={self.reduction!r}")
@@ -247,6 +299,12 @@ class SampleGilder(GilderOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("exchange_group", None)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """ϕ is a buffer that autograd never writes to: nothing to clear, unless a caller set
+        ``phi.grad`` itself."""
+        if self.criterion.phi.grad is not None:
+            super().zero_grad(set_to_none)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Gild the examples the criterion recorded since the last step."""
@@ -255,39 +313,39 @@ class SampleGilder(GilderOptimizer):
             with torch.enable_grad():
                 loss = closure()
         crit = self.criterion
-        if crit.fired:  # ϕ is frozen; the criterion records nothing any more
-            crit._pending.clear()
-            return loss
         pending, crit._pending = crit._pending, []
+        if crit.fired:  # ϕ is frozen; the criterion records nothing any more
+            return loss
         group = self.exchange_group
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         if group is not None and dist.get_world_size(group) > 1:
             indices, losses = _gather(pending, crit.phi.device, group)
-        elif pending:
+        elif not pending:
+            return loss
+        else:
             indices, losses = (pending[0] if len(pending) == 1 else
                                [torch.cat(parts) for parts in zip(*pending)])
-            indices, losses = indices.to(crit.phi.device, torch.int64), losses.to(crit.phi.device)
-        else:
-            return loss
-        if indices.numel() == 0:
-            return loss
-        visits_before = crit.visits
-        crit.visits += indices.numel()
-        l = _fracture(losses, crit.fracture)
-        phi = crit.phi
-        warm = visits_before >= crit.warmup * crit.num_samples
+            indices = indices.to(crit.phi.device, torch.int64)
+            losses = losses.to(crit.phi.device, torch.float32)
+        visits_before, count = crit.visits, indices.numel()
+        crit.visits += count
+        N, phi = crit.num_samples, crit.phi
+        warm = visits_before >= crit.warmup * N
         if crit.firing:
-            if crit.accumulate == "mean":
-                if warm:
-                    phi.index_add_(0, indices, l)
-                    crit.recorded += indices.numel()
-                    if crit.fracture != "error":  # an unbounded sum may overflow: cap it
-                        cap = torch.finfo(phi.dtype).max
-                        phi.index_put_((indices,), phi[indices].clamp_(max=cap))
-            else:
-                phi.index_put_((indices,), l.add_(1))  # the last visit wins, in rank order
+            in_window = crit.firing_epochs is None or visits_before < crit.firing_epochs * N
+            if crit.accumulate == "last" and in_window:
+                # the last visit wins, in rank order
+                phi.index_put_((indices,), _fracture(losses, crit.fracture).add_(1))
+            elif crit.accumulate == "mean" and warm and count and in_window:
+                phi.index_add_(0, indices, _fracture(losses, crit.fracture))
+                crit.recorded += count
+                if crit.fracture != "error":  # an unbounded sum may overflow: cap it
+                    phi.index_put_((indices,), phi[indices].clamp_(max=torch.finfo(phi.dtype).max))
             return loss
+        if not count:
+            return loss
+        l = _fracture(losses, crit.fracture)
         options = self.param_groups[0]
         if not warm:
             return loss
@@ -346,9 +404,10 @@ def sample_gilding(
     r"""Label-free sample-level gilding: ``(criterion, gilder)`` for a data set of ``num_samples``.
 
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
-    re-fire with a firing run of a quarter of the training steps, each example's error rate over
-    its visits after the first epoch, and the balanced up-weight. ``criterion.firing_fraction``
-    tells a training loop which protocol to follow::
+    re-fire with a firing run of a quarter of the training steps or four epochs, whichever is
+    shorter, each example's error rate over its visits from its second to its fourth epoch, and
+    the balanced up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
+    to follow, ``criterion.firing_steps`` how long the firing run needs to be::
 
         criterion, gilder = sample_gilding(len(train_set))
         loader = DataLoader(with_indices(train_set), batch_size=256, shuffle=True)
@@ -361,17 +420,16 @@ def sample_gilding(
             return model
 
         if criterion.firing_fraction is not None:
-            train(int(criterion.firing_fraction * T))   # the firing run
+            train(criterion.firing_steps(T, 256))       # the firing run
             criterion.refire()                          # ϕ frozen from here on
         model = train(T)
 
     ``criterion_options`` go to :class:`SampleGildedLoss` (``fracture``, ``firing_fraction``,
-    ``upweight``, ``accumulate``, ``reduction``, ``warmup``; its defaults are the study's); e.g.
-    ``warmup`` (default 1): epochs of examples before anything is recorded. One-pass options
-    (``firing_fraction=None``): ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma``
-    (damping), ``phi_max`` (cap, default 1000). With a long schedule (tens of epochs), a firing run
-    of a few epochs works better than a quarter (docs/sample-gilding.md). See
-    :class:`SampleGildedLoss` and :class:`SampleGilder`.
+    ``upweight``, ``accumulate``, ``reduction``, ``warmup``, ``firing_epochs``; its defaults are
+    the study's); e.g. ``warmup`` (default 1) and ``firing_epochs`` (default 4): the epochs of
+    the firing run whose visits are recorded. One-pass options (``firing_fraction=None``):
+    ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma`` (damping), ``phi_max``
+    (cap, default 1000). See :class:`SampleGildedLoss` and :class:`SampleGilder`.
     """
     require_choice("ascent", ascent, ASCENTS)
     criterion = SampleGildedLoss(num_samples, **criterion_options)

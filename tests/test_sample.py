@@ -159,7 +159,8 @@ def test_state_dict_resumes_a_run_exactly():
         criterion.refire()
         runs.append(criterion)
     assert torch.equal(runs[0].phi, runs[1].phi) and runs[0].visits == runs[1].visits == 48
-    assert runs[0].recorded == runs[1].recorded == 36  # after the warm-up epoch of 9
+    # recorded: the batches that start after the warm-up epoch (9) and before firing_epochs=4 (36)
+    assert runs[0].recorded == runs[1].recorded == 4 * 6
     fresh, _ = sample_gilding(N)
     fresh.load_state_dict(runs[0].state_dict())
     assert fresh.fired and not fresh.firing and torch.equal(fresh.phi, runs[0].phi)
@@ -184,6 +185,21 @@ def test_bad_batches_raise_naming_the_argument_and_change_nothing(losses, indice
     assert torch.equal(criterion.phi, torch.ones(10)) and criterion.visits == 0
 
 
+@pytest.mark.parametrize("indices,match", [
+    (torch.tensor([0, 10]), r"Invalid indices: \[10\].*\[0, 10\)"),
+    (torch.tensor([-1, 0], dtype=torch.int32), r"Invalid indices: \[-1\]"),
+    (torch.tensor([0.0, 1.0]), r"Invalid indices: .*torch.float32"),
+])
+def test_bad_indices_after_refire_raise_naming_them(indices, match):
+    """After refire() the gather itself checks the range on the CPU: the same ValueError."""
+    criterion, _ = sample_gilding(10, upweight=2.0, accumulate="last")
+    criterion.refire()
+    with pytest.raises(ValueError, match=match):
+        criterion(torch.ones(2), indices)
+    with pytest.raises(ValueError, match=r"Invalid losses: \[nan\]"):
+        criterion(torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_samples=0), r"Invalid num_samples: 0"),
     (dict(num_samples=-3), r"Invalid num_samples: -3"),
@@ -194,12 +210,56 @@ def test_bad_batches_raise_naming_the_argument_and_change_nothing(losses, indice
     (dict(num_samples=4, accumulate="max"), r"Invalid accumulate: 'max'"),
     (dict(num_samples=4, reduction="sum"), r"Invalid reduction: 'sum'"),
     (dict(num_samples=4, warmup=-1), r"Invalid warmup: -1"),
+    (dict(num_samples=4, firing_epochs=-1), r"Invalid firing_epochs: -1"),
+    (dict(num_samples=4, firing_epochs=1.0), r"Invalid firing_epochs: 1.0 .*warmup=1.0"),
     (dict(num_samples=4, ascent="up"), r"Invalid ascent: 'up'"),
     (dict(num_samples=4, beta=-0.1), r"Invalid beta: -0.1"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample_gilding(**kwargs)
+
+
+def test_firing_steps_and_the_record_window():
+    """The record covers the visits after ``warmup`` epochs and before ``firing_epochs``: a
+    firing run that goes on longer records nothing more, so it gives the same ϕ as one that
+    stops after ``firing_steps``."""
+    N, B = 12, 6
+    criterion, _ = sample_gilding(N, firing_epochs=3.0)
+    assert criterion.firing_steps(400, B) == min(int(0.25 * 400), math.ceil(3 * N / B)) == 6
+    assert criterion.firing_steps(16, B) == 4  # a quarter of a short run
+    assert sample_gilding(N, firing_epochs=None)[0].firing_steps(400, B) == 100
+    assert sample_gilding(N, firing_fraction=None)[0].firing_steps(400, B) == 0
+    for name, args in (("total_steps", (-1, B)), ("batch_size", (10, 0)),
+                       ("total_steps", (1.5, B))):
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            criterion.firing_steps(*args)
+    record = list(batches(N, 12, B=B, seed=3))
+    phis = []
+    for steps in (criterion.firing_steps(400, B), len(record)):
+        criterion, gilder = sample_gilding(N, firing_epochs=3.0)
+        for losses, idx in record[:steps]:
+            feed(criterion, gilder, losses, idx)
+        assert criterion.recorded == 4 * B  # batches 2-5: visits 12-35
+        criterion.refire()
+        phis.append(criterion.phi)
+    crack = np.zeros(N)
+    for losses, idx in record[2:6]:
+        np.add.at(crack, idx, fracture(losses, "error"))
+    crack /= 4 * B / N
+    expected = 1 + N / crack.sum() * crack
+    np.testing.assert_allclose(phis[0].numpy(), expected * N / expected.sum(), rtol=1e-5)
+    assert torch.equal(phis[0], phis[1])
+
+
+def test_huge_finite_losses_are_accepted():
+    """The finiteness check sums the losses; a sum that overflows is checked element-wise."""
+    criterion, _ = sample_gilding(3, firing_fraction=None)
+    for dtype, big in ((torch.float64, 1e308), (torch.float32, 3e38), (torch.float16, 6e4)):
+        losses = torch.tensor([big, big, 1.0], dtype=dtype)
+        criterion(losses, torch.arange(3))  # their sum overflows: no error, the losses are finite
+        with pytest.raises(ValueError, match=r"Invalid losses: \[inf\]"):
+            criterion(torch.tensor([big, float("inf")], dtype=dtype), torch.arange(2))
 
 
 @settings(max_examples=40, deadline=None)
@@ -260,7 +320,7 @@ def test_protocol_lifts_a_rare_class_without_labels():
             return (model(x).argmax(1)[y == 1] == 1).float().mean().item()
 
     criterion, gilder = sample_gilding(N)
-    train(criterion, gilder, int(criterion.firing_fraction * 80))
+    train(criterion, gilder, criterion.firing_steps(80, 128))
     criterion.refire()
     assert train(criterion, gilder) > train() + 0.2
 
