@@ -20,7 +20,8 @@ from kintsugi_optim._validation import (
     require_nonnegative,
     validate_gilding,
 )
-from kintsugi_optim.functional import FRACTURES, gilder_step, softplus_inverse
+from kintsugi_optim.gilding import gilder_step, softplus_inverse
+from kintsugi_optim.options import FRACTURES
 
 __all__ = ["GilderOptimizer", "Gilder"]
 
