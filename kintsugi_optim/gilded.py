@@ -15,13 +15,13 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from kintsugi_optim._compat import _default_to_fused_or_foreach
-from kintsugi_optim._validation import require, validate_parameter_gilding
 from kintsugi_optim._kernels import host
+from kintsugi_optim._validation import require, validate_parameter_gilding
 from kintsugi_optim.fracture import fracture
 from kintsugi_optim.gilding import gild_pathways, softplus_inverse
+from kintsugi_optim.options import PARAMETER_GILDING_DEFAULTS as _DEFAULTS
 from kintsugi_optim.options import GildingOptions
 from kintsugi_optim.pathways import _broadcast, new_phi, phi_dtype, phi_shape
-from kintsugi_optim.sculptor import _DEFAULTS
 
 __all__ = ["Gilded"]
 

@@ -18,20 +18,20 @@ from kintsugi_optim._compat import (
     _graph_capture_health_check,
     _use_grad_for_differentiable,
 )
-from kintsugi_optim._kernels import StepLists
 from kintsugi_optim._groups import (  # noqa: F401 - _DEFAULTS: its older import path
     _DEFAULTS,
     _MISSING,
     _SCHEDULED,
     _CheckedGroup,
-    _ReadyGroup,
     _phi_dtypes,
     _plain_number_,
     _plain_numbers_,
+    _ReadyGroup,
     _resolved_weight_decay,
     _rule_options,
     _validate_group,
 )
+from kintsugi_optim._kernels import StepLists
 from kintsugi_optim._validation import require_valid_phi
 from kintsugi_optim.functional import resolve_impl, sculpt_group, torch_step
 from kintsugi_optim.gilding import softplus_inverse
