@@ -55,19 +55,20 @@ class GildingOptions:
 
     ``pathway`` decides the scope: element and row ϕ are normalised per tensor, tensor ϕ across
     the param group (the Gilder gilds each ϕ tensor as one element-pathway scope).
-    ``beta`` may be a 0-d tensor (the Gilder's β·lr with a tensor lr).
+    ``beta`` may be a 0-d tensor (the Gilder's β·lr with a tensor lr). No field has a default:
+    each level's defaults are its own table (``PARAMETER_GILDING_DEFAULTS``, the Gilder's).
     """
 
     beta: float | Tensor
-    gamma: float = 0.0
-    l1: float = 0.0
-    phi_min: float = 1e-3
-    phi_max: float | None = None
-    phi_norm: str | None = None
-    ascent: str = "additive"
-    positivity: str = "clamp"
-    fracture: str = "abs"
-    pathway: str = "element"
+    gamma: float
+    l1: float
+    phi_min: float
+    phi_max: float | None
+    phi_norm: str | None
+    ascent: str
+    positivity: str
+    fracture: str
+    pathway: str
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> GildingOptions:
@@ -125,7 +126,9 @@ class SculptOptions:
         phi_max: float | None = None, phi_norm: str | None = None, ascent: str = "additive",
         positivity: str = "clamp",
     ) -> SculptOptions:
-        """From flat keywords (the functional API, ``kintsugi_optim.functional.sculpt``)."""
+        """From flat keywords (the functional API, ``kintsugi_optim.functional.sculpt``). Given
+        only ``base`` and ``lr``: the rule's plain step with torch's functional defaults and no
+        gilding (β = 0); the optimizers pass every option from their own defaults tables."""
         gilding = GildingOptions(beta=beta, gamma=gamma, l1=l1, phi_min=phi_min, phi_max=phi_max,
                                  phi_norm=phi_norm, ascent=ascent, positivity=positivity,
                                  fracture=fracture, pathway=pathway)
