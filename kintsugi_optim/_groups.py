@@ -167,7 +167,7 @@ class _ReadyGroup:
     of a steady training loop is then reading the gradients."""
 
     __slots__ = ("state", "n_state", "params", "states", "state_values", "lists", "has_complex",
-                 "impl")
+                 "impl", "idle")
 
     def __init__(self, optimizer_state: dict, params: list[Tensor], states: list[dict],
                  lists: list[list], has_complex: bool) -> None:
@@ -179,6 +179,7 @@ class _ReadyGroup:
         self.lists = lists
         self.has_complex = has_complex
         self.impl: tuple[bool | None, bool | None] | None = None
+        self.idle: tuple[list[int] | None, bool] | None = None  # ϕ versions, all ϕ ≡ 1
 
     def grads(self, optimizer_state: dict, params: list[Tensor]) -> list[Tensor] | None:
         """The parameters' gradients when the lists still hold, else None."""

@@ -331,6 +331,19 @@ class KintsugiOptimizer(Optimizer):
             return False
         if group["fused"] and not all(_dense(t) for t in params + grads):
             return False  # torch's fused kernels step a strided or expanded tensor wrongly
+        # The lists of a group that reused last step's (the same ϕ tensors): one comparison
+        # of their version counters answers for all of them.
+        record = self._checked_groups[id(group)]
+        ready = record.ready if record.fast else None
+        versions = [phi._version for phi in phis] if ready is not None else None
+        if ready is not None and ready.idle is not None and ready.idle[0] == versions:
+            return ready.idle[1]
+        idle = self._phis_are_one(phis)
+        if ready is not None:
+            ready.idle = (versions, idle)
+        return idle
+
+    def _phis_are_one(self, phis: list[Tensor]) -> bool:
         known = self.__dict__.setdefault("_phi_is_one", WeakIdKeyDictionary())
         for phi in phis:
             if type(phi) is not Tensor:  # a DTensor's check would be a collective
