@@ -166,13 +166,13 @@ class _ReadyGroup:
     values, by identity) and the parameters, every one with a dense gradient. The per-step work
     of a steady training loop is then reading the gradients."""
 
-    __slots__ = ("state", "n_state", "params", "states", "state_values", "lists", "has_complex",
-                 "impl", "idle")
+    __slots__ = ("state", "state_dicts", "params", "states", "state_values", "lists",
+                 "has_complex", "impl", "idle")
 
     def __init__(self, optimizer_state: dict, params: list[Tensor], states: list[dict],
                  lists: list[list], has_complex: bool) -> None:
         self.state = optimizer_state
-        self.n_state = len(optimizer_state)
+        self.state_dicts = tuple(optimizer_state.values())
         self.params = params
         self.states = states
         self.state_values = [tuple(state.values()) for state in states]
@@ -183,7 +183,9 @@ class _ReadyGroup:
 
     def grads(self, optimizer_state: dict, params: list[Tensor]) -> list[Tensor] | None:
         """The parameters' gradients when the lists still hold, else None."""
-        if (optimizer_state is not self.state or len(optimizer_state) != self.n_state
+        # Every parameter's state dict, by identity: `opt.state[p] = {}` resets p's state.
+        if (optimizer_state is not self.state or len(optimizer_state) != len(self.state_dicts)
+                or not all(map(is_, optimizer_state.values(), self.state_dicts))
                 or not all(map(is_, params, self.params))):
             return None
         grads = [p.grad for p in params]
