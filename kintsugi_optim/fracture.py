@@ -86,7 +86,6 @@ def relative_fracture_(fractures: list[Tensor], *, foreach: bool = False) -> Non
         l.div_(l.abs().mean().clamp_min(torch.finfo(l.dtype).tiny))
 
 
-
 def foreach_fracture(
     grads: list[Tensor], phis: list[Tensor], pathway: str, scratch: list[Tensor] | None = None
 ) -> list[Tensor]:
@@ -111,5 +110,3 @@ def foreach_fracture(
     # A 0-d row ϕ (0-d θ, complex too) takes the tensor mean.
     return [_rows(t).mean(1) if phi.dim() > 0 else t.mean()
             for t, phi in zip(a, phis)]
-
-

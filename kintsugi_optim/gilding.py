@@ -269,8 +269,6 @@ def _multi_tensor_gild(
             torch._foreach_copy_(device_rhos, neg)
 
 
-
-
 def gild_pathways(
     phis: list[Tensor],
     fractures: list[Tensor],

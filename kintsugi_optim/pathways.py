@@ -99,7 +99,6 @@ def _broadcast(phi: Tensor, param: Tensor) -> Tensor:
     return phi.view(phi.shape + (1,) * (param.dim() - phi.dim()))
 
 
-
 def _rows(t: Tensor) -> Tensor:
     # An explicit row length: reshape(rows, -1) is ambiguous for a tensor with no elements.
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))
@@ -114,5 +113,3 @@ def _scale_sparse(grad: Tensor, phi: Tensor, dtype: torch.dtype) -> Tensor:
     factor = factor.view(factor.shape + (1,) * (values.dim() - factor.dim()))
     return torch.sparse_coo_tensor(indices, (values * factor).to(dtype), grad.shape,
                                    is_coalesced=grad.is_coalesced(), check_invariants=False)
-
-

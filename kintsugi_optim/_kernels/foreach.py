@@ -126,8 +126,6 @@ def sgd_direction(params: list[Tensor], grads: list[Tensor], phis_b: list[Tensor
     return scaled
 
 
-
-
 def adam_check(lists: StepLists, o: SculptOptions) -> None:
     """torch's foreach Adam's refusals, raised before anything is stepped."""
     if isinstance(o.lr, Tensor) and not o.capturable:
@@ -218,4 +216,3 @@ def adam_direction(params: list[Tensor], grads: list[Tensor], phis_b: list[Tenso
         torch._foreach_div_(denom, phis_b)
         torch._foreach_addcdiv_(params, exp_avgs, denom, _stack_if_compiling(step_size))
     return denom
-

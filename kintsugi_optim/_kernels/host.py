@@ -48,11 +48,9 @@ def _cpu_scalars(values: list[float], dtype: torch.dtype) -> tuple[Tensor, ...]:
     return torch.tensor(values, dtype=dtype).unbind()
 
 
-
 def _grouped(tensorlists):
     """torch's grouping of tensor lists by device and dtype: (lists, indices) per group."""
     return _group_tensors_by_device_and_dtype(tensorlists).values()
-
 
 
 # On the CPU a _foreach_ op is a loop over its tensors, so a step made of ~15 of them streams
@@ -76,5 +74,3 @@ def _runs(params: list[Tensor]) -> list[slice]:
             runs.append(slice(start, k + 1))
             start, size = k + 1, 0
     return runs
-
-
