@@ -93,7 +93,7 @@ def validate_gilding(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = 
     """Checks shared by the Sculptor and the Gilder: β, γ, λ, bounds and the choices of §2.2
     (docs/maths.md §2.2). ``phi_dtypes``: the dtypes of the group's ϕ, so that ``phi_min`` is
     checked against what they can hold."""
-    from kintsugi_optim.functional import ASCENTS, PHI_NORMS, POSITIVITIES
+    from kintsugi_optim.options import ASCENTS, PHI_NORMS, POSITIVITIES
 
     for name in ("beta", "gamma", "l1"):
         require_nonnegative(name, group[name])
@@ -118,7 +118,7 @@ def validate_parameter_gilding(group: dict[str, Any],
     """The gilding options of a parameter-level group (the Sculptor's, ``Gilded``'s):
     :func:`validate_gilding`, ``phi_init`` within the bounds and ϕ's dtypes, the pathway and the
     fracture (docs/maths.md §2.1, §3.1)."""
-    from kintsugi_optim.functional import FRACTURES, PATHWAYS
+    from kintsugi_optim.options import FRACTURES, PATHWAYS
 
     phi_dtypes = tuple(phi_dtypes)
     validate_gilding(group, phi_dtypes)

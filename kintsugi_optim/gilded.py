@@ -15,24 +15,16 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from kintsugi_optim._compat import _default_to_fused_or_foreach
+from kintsugi_optim._kernels import host
 from kintsugi_optim._validation import require, validate_parameter_gilding
-from kintsugi_optim.functional import (
-    _broadcast,
-    _cpu_eager,
-    _runs,
-    fracture,
-    gild_pathways,
-    new_phi,
-    phi_dtype,
-    phi_shape,
-    softplus_inverse,
-)
-from kintsugi_optim.sculptor import _DEFAULTS
+from kintsugi_optim.fracture import fracture
+from kintsugi_optim.gilding import gild_pathways, softplus_inverse
+from kintsugi_optim.options import PARAMETER_GILDING_DEFAULTS as _DEFAULTS
+from kintsugi_optim.options import GildingOptions
+from kintsugi_optim.pathways import _broadcast, new_phi, phi_dtype, phi_shape
 
 __all__ = ["Gilded"]
 
-# What gild_pathways takes from a group, beside pathway and fracture.
-_GILD_KEYS = ("beta", "gamma", "l1", "phi_min", "phi_max", "phi_norm", "ascent", "positivity")
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -194,13 +186,13 @@ class Gilded(Optimizer):
 
     def _finish(self, group: dict[str, Any], entries: list[tuple]) -> None:
         """Rescale and gild, a cache-sized run of parameters at a time on the CPU (as the
-        Sculptor steps, see functional._runs): each pass after a run's first finds its tensors
-        in cache, and the temporaries stay small. The tensor pathway gilds its group at the end."""
+        Sculptor steps, see ``_kernels.host._runs``): each pass after a run's first finds its
+        tensors in cache, and the temporaries stay small. The tensor pathway gilds its group at the end."""
         foreach = self._foreach(group, [p for p, _, _ in entries])
         gilding = group["beta"] != 0
         whole_group = group["pathway"] == "tensor"
         scope: tuple[list, list, list] = ([], [], [])
-        for run in _runs([p for p, _, _ in entries]):
+        for run in host._runs([p for p, _, _ in entries]):
             self._rescale(group, entries[run], foreach)
             if not gilding:
                 continue
@@ -255,7 +247,7 @@ class Gilded(Optimizer):
             return
         # lerp(θ₀, θ_base, ϕ) is θ₀ + ϕ·(θ_base − θ₀) in one pass, and torch computes it as
         # θ_base − (θ_base − θ₀)·(1 − ϕ) for ϕ ≥ 0.5: ϕ = 1 gives θ_base's bits.
-        if foreach and not _cpu_eager(params):  # one launch per op; on the CPU a loop anyway
+        if foreach and not host._cpu_eager(params):  # one launch per op; on the CPU a loop anyway
             torch._foreach_lerp_(theta0s, params, scales)
             torch._foreach_copy_(params, theta0s)
             return
@@ -283,11 +275,8 @@ class Gilded(Optimizer):
 
     def _gild(self, group: dict[str, Any], phis: list, fractures: list, rhos: list,
               foreach: bool) -> None:
-        gild_pathways(
-            phis, fractures, rhos if group["positivity"] == "softplus" else None,
-            pathway=group["pathway"], fracture=group["fracture"], foreach=foreach,
-            **{key: group[key] for key in _GILD_KEYS},
-        )
+        gild_pathways(phis, fractures, rhos if group["positivity"] == "softplus" else None,
+                      GildingOptions.from_group(group), foreach=foreach)
 
     @staticmethod
     def _foreach(group: dict[str, Any], params: list[Tensor]) -> bool:

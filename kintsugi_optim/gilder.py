@@ -20,10 +20,14 @@ from kintsugi_optim._validation import (
     require_nonnegative,
     validate_gilding,
 )
-from kintsugi_optim.functional import FRACTURES, gilder_step, softplus_inverse
+from kintsugi_optim.gilding import gilder_step, softplus_inverse
+from kintsugi_optim.options import FRACTURES
 
 __all__ = ["GilderOptimizer", "Gilder"]
 
+# The Gilder's defaults, written once (the signature reads them): true gradient ascent on an
+# explicit ϕ (fracture="abs", no bounds but positivity, no normalisation), unlike the
+# parameter level's drop-in table (kintsugi_optim.options.PARAMETER_GILDING_DEFAULTS).
 _DEFAULTS: dict[str, Any] = dict(
     lr=1.0,
     beta=0.01,
@@ -90,18 +94,18 @@ class GilderOptimizer(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        beta: float = 0.01,
+        beta: float = _DEFAULTS["beta"],
         *,
-        gamma: float = 0.0,
-        l1: float = 0.0,
-        phi_min: float = 1e-3,
-        phi_max: float | None = None,
-        phi_norm: str | None = None,
-        fracture: str = "abs",
-        ascent: str = "additive",
-        positivity: str = "clamp",
-        lr: float = 1.0,
-        foreach: bool | None = None,
+        gamma: float = _DEFAULTS["gamma"],
+        l1: float = _DEFAULTS["l1"],
+        phi_min: float = _DEFAULTS["phi_min"],
+        phi_max: float | None = _DEFAULTS["phi_max"],
+        phi_norm: str | None = _DEFAULTS["phi_norm"],
+        fracture: str = _DEFAULTS["fracture"],
+        ascent: str = _DEFAULTS["ascent"],
+        positivity: str = _DEFAULTS["positivity"],
+        lr: float = _DEFAULTS["lr"],
+        foreach: bool | None = _DEFAULTS["foreach"],
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         defaults = dict(

@@ -4,7 +4,6 @@ is scaled per pathway by a gilding weight ϕ that rises with that pathway's erro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,164 +18,32 @@ from kintsugi_optim._compat import (
     _graph_capture_health_check,
     _use_grad_for_differentiable,
 )
-from kintsugi_optim._validation import (
-    plain_number,
-    require,
-    require_choice,
-    require_nonnegative,
-    require_valid_phi,
-    validate_parameter_gilding,
+from kintsugi_optim._groups import (  # noqa: F401 - _DEFAULTS: its older import path
+    _DEFAULTS,
+    _MISSING,
+    _SCHEDULED,
+    _CheckedGroup,
+    _phi_dtypes,
+    _plain_number_,
+    _plain_numbers_,
+    _ReadyGroup,
+    _resolved_weight_decay,
+    _rule_options,
+    _validate_group,
 )
-from kintsugi_optim.functional import (
-    BASES,
-    new_phi,
-    phi_dtype,
-    phi_shape,
-    sculpt,
-    softplus_inverse,
-    torch_step,
-)
+from kintsugi_optim._kernels import StepLists
+from kintsugi_optim._validation import require_valid_phi
+from kintsugi_optim.functional import resolve_impl, sculpt_group, torch_step
+from kintsugi_optim.gilding import softplus_inverse
+from kintsugi_optim.pathways import new_phi, phi_dtype, phi_shape
+from kintsugi_optim.rules import RULES
 
 __all__ = ["KintsugiOptimizer", "Sculptor"]
 
-_MISSING = object()
-_PLAIN_TYPES = (float, int, bool, str, type(None), list, Tensor)  # not numpy, Fraction
-
-_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3,
-    base="adam",
-    betas=(0.9, 0.999),
-    eps=1e-8,
-    amsgrad=False,
-    momentum=0.0,
-    dampening=0.0,
-    nesterov=False,
-    weight_decay=None,  # 0 for sgd/adam, 1e-2 for adamw, like torch's defaults
-    # Drop-in defaults, chosen with benchmarks/dropin.py (README.md, "Performance"): one ϕ per
-    # neuron/output channel, damped to stop rising near 1/γ = 1.25 and kept in [0.8, 1.25]
-    # before the mean normalisation, so that every step lies between 0.64 and 1.25 times the
-    # base rule's.
-    beta=0.01,
-    gamma=0.8,
-    l1=0.0,
-    phi_init=1.0,
-    phi_min=0.8,
-    phi_max=1.25,
-    pathway="row",
-    fracture="relative",
-    phi_norm="mean",
-    ascent="additive",
-    positivity="clamp",
-    maximize=False,
-    foreach=None,
-    fused=None,
-    capturable=False,
-    differentiable=False,
-)
 
 # With β = 0 and ϕ ≡ 1 a step is torch's own (KintsugiOptimizer._gilding_is_idle). Tests of
 # the gilding maths at β = 0 turn this off, to step through the Sculptor's own paths.
 _BETA_ZERO_SHORTCUT = True
-
-# Options that only one base rule reads. torch's schedulers learn the rule from `defaults`
-# (OneCycleLR and CyclicLR cycle `betas` when `defaults` has them, else `momentum`), so
-# `defaults` holds only the constructor's rule; the others are back-filled into each group,
-# which keeps every group complete when it switches `base`.
-_RULE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum", "dampening", "nesterov"),
-    "adam": ("betas", "eps", "amsgrad"),
-    "adamw": ("betas", "eps", "amsgrad"),
-}
-
-
-def _validate_group(group: dict[str, Any], phi_dtypes: Iterable[torch.dtype] = ()) -> None:
-    """Every hyperparameter of ``group`` (complete: every key of ``_DEFAULTS``), raising a
-    ValueError that names the argument and value. ``phi_dtypes``: the dtypes of the group's ϕ,
-    which ``phi_min`` and ``phi_init`` must fit."""
-    require_choice("base", group["base"], BASES)
-    for name in ("eps", "dampening", "weight_decay"):
-        require_nonnegative(name, group[name])
-    for name in ("amsgrad", "nesterov", "maximize", "capturable", "differentiable"):
-        require(isinstance(group[name], bool), name, group[name], "must be True or False")
-    for name in ("foreach", "fused"):
-        require(group[name] is None or isinstance(group[name], bool), name, group[name],
-                "must be True, False or None")
-    for check in _SCHEDULED.values():
-        check(group)
-    validate_parameter_gilding(group, phi_dtypes)
-    if group["fused"]:
-        if group["foreach"]:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if group["differentiable"]:
-            raise RuntimeError("`fused` does not support `differentiable`")
-
-
-def _check_lr(group: dict[str, Any]) -> None:
-    require_nonnegative("lr", group["lr"])
-    _require_scalar_tensor_fits(group, "lr", group["lr"], group["base"])
-
-
-def _check_betas(group: dict[str, Any]) -> None:
-    betas = group["betas"]
-    require(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
-            "must be a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        require(require_nonnegative(f"betas[{i}]", b) < 1, f"betas[{i}]", b, "must be in [0, 1)")
-        _require_scalar_tensor_fits(group, f"betas[{i}]", b, group["base"])
-
-
-def _check_momentum(group: dict[str, Any]) -> None:
-    require_nonnegative("momentum", group["momentum"])
-    if group["nesterov"]:
-        require(
-            group["momentum"] > 0 and group["dampening"] == 0, "nesterov", True,
-            f"needs momentum > 0 and dampening = 0, got momentum={group['momentum']!r}, "
-            f"dampening={group['dampening']!r}",
-        )
-
-
-# The options schedulers change every step (LRScheduler: lr; OneCycleLR and CyclicLR: betas
-# or momentum): a change of these alone re-checks only them.
-_SCHEDULED = {"lr": _check_lr, "betas": _check_betas, "momentum": _check_momentum}
-
-
-def _require_scalar_tensor_fits(group: dict[str, Any], name: str, value: Any, base: str) -> None:
-    # torch's rule: the foreach Adam step takes lr and betas as Python numbers unless capturable
-    # (SGD's foreach step takes a tensor lr as it is); raised here rather than mid-step.
-    if isinstance(value, Tensor) and group["foreach"] and not group["capturable"]:
-        if name == "lr" and base == "sgd":
-            return
-        raise ValueError(
-            f"Invalid {name}: {value!r} (a Tensor is not supported for capturable=False and "
-            "foreach=True)")
-
-
-def _phi_dtypes(group: dict[str, Any]) -> set[torch.dtype]:
-    return {phi_dtype(p) for p in group["params"] if p.is_floating_point() or p.is_complex()}
-
-
-def _plain_number_(group: dict[str, Any], key: str) -> None:
-    """``group[key]`` as a Python number (each of ``betas``) where it is a numpy or Fraction
-    one. Values are replaced only where they change, so the identity check of
-    :meth:`KintsugiOptimizer._check_group` sees an unchanged group as unchanged."""
-    value = group[key]
-    if key == "betas" and isinstance(value, (tuple, list)):
-        plain = tuple(plain_number(b) for b in value)
-        if any(a is not b for a, b in zip(plain, value)):
-            group[key] = plain
-    elif type(value) not in _PLAIN_TYPES:
-        group[key] = plain_number(value)
-
-
-def _plain_numbers_(group: dict[str, Any]) -> None:
-    """numpy and Fraction hyperparameters become Python floats in place (the kernels and
-    ``_foreach_`` ops take Python numbers and tensors only); None weight_decay is the rule's
-    default, as in the constructor."""
-    for key in group:
-        if key != "params":
-            _plain_number_(group, key)
-    if group.get("weight_decay") is None:
-        group["weight_decay"] = _resolved_weight_decay(group)
 
 
 class KintsugiOptimizer(Optimizer):
@@ -196,26 +63,33 @@ class KintsugiOptimizer(Optimizer):
 
     Args:
         params: tensors, dicts defining param groups, or ``(name, tensor)`` pairs.
-        lr (float or 0-d Tensor): learning rate α (default: 1e-3).
-        base (str): "sgd", "adam" or "adamw" (default: "adam").
-        betas, eps, amsgrad: as ``torch.optim.Adam`` (defaults (0.9, 0.999), 1e-8, False).
-        momentum, dampening, nesterov: as ``torch.optim.SGD`` (defaults 0, 0, False).
+        lr (float or 0-d Tensor): learning rate α (default: <<lr>>).
+        base (str): a rule of ``kintsugi_optim.rules.RULES``: "sgd", "adam" or "adamw"
+            (default: <<base>>).
+        betas, eps, amsgrad: as ``torch.optim.Adam`` (defaults <<betas>>, <<eps>>, <<amsgrad>>).
+        momentum, dampening, nesterov: as ``torch.optim.SGD`` (defaults <<momentum>>,
+            <<dampening>>, <<nesterov>>).
         weight_decay (float): coupled (L2 in g) for sgd/adam, decoupled for adamw
-            (default: 0, or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not scaled by ϕ.
-        beta (float): gilding rate β ≥ 0 (default: 0.01). gamma (float): damping γ ≥ 0 (0.8:
-            ϕ stops rising near 1.25). l1 (float): tempering λ ≥ 0 (0).
-        phi_init, phi_min, phi_max: ϕ's start and bounds (1.0, 0.8, 1.25; ``phi_max=None``: no
-            cap); 0 < phi_min ≤ phi_init ≤ phi_max. With l1 = 0 gilding never lowers a ϕ before
-            the normalisation, so mean ϕ' ≥ 1 there, and phi_min / phi_max ≤ ϕ ≤ phi_max at
-            every step: each step lies between 0.64 and 1.25 times the base rule's.
-        pathway (str): "row" (one ϕ per ``θ[i]``: a neuron or output channel; the default),
-            "element" (ϕ shaped like θ) or "tensor" (one ϕ per tensor, normalised across the
-            group).
-        fracture (str): "relative" (scale-free, default) or "abs" (the source's literal rule).
-        phi_norm (str or None): "mean" (default) keeps the mean ϕ of each scope at 1.
-        ascent (str): "additive" (default) or "multiplicative" (exponentiated gradient).
-        positivity (str): "clamp" (default) or "softplus" (ϕ = softplus(ρ), ρ the resilience
-            score, stored in the state as ``rho``).
+            (default: the rule's, 0 or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not
+            scaled by ϕ.
+        beta (float): gilding rate β ≥ 0 (default: <<beta>>). gamma (float): damping γ ≥ 0
+            (<<gamma>>: ϕ stops rising near 1/γ). l1 (float): tempering λ ≥ 0 (<<l1>>).
+        phi_init, phi_min, phi_max: ϕ's start and bounds (<<phi_init>>, <<phi_min>>,
+            <<phi_max>>; ``phi_max=None``: no cap); 0 < phi_min ≤ phi_init ≤ phi_max. With
+            l1 = 0 gilding never lowers a ϕ before the normalisation, so mean ϕ' ≥ 1 there, and
+            phi_min / phi_max ≤ ϕ ≤ phi_max at every step: each step lies between phi_min /
+            phi_max and phi_max times the base rule's.
+        pathway (str): "row" (one ϕ per ``θ[i]``: a neuron or output channel), "element" (ϕ
+            shaped like θ) or "tensor" (one ϕ per tensor, normalised across the group)
+            (default: <<pathway>>).
+        fracture (str): "relative" (scale-free) or "abs" (the source's literal rule)
+            (default: <<fracture>>).
+        phi_norm (str or None): "mean" keeps the mean ϕ of each scope at 1 (default:
+            <<phi_norm>>).
+        ascent (str): "additive" or "multiplicative" (exponentiated gradient) (default:
+            <<ascent>>).
+        positivity (str): "clamp" or "softplus" (ϕ = softplus(ρ), ρ the resilience score,
+            stored in the state as ``rho``) (default: <<positivity>>).
         maximize, foreach, fused, capturable, differentiable: as in ``torch.optim.Adam``.
             ``fused=True`` (CPU and CUDA kernels of their own) holds mean ϕ to 1 within four
             rounding errors rather than one: it stores ϕ normalised by a foreseen factor.
@@ -236,36 +110,37 @@ class KintsugiOptimizer(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float | Tensor = 1e-3,
+        lr: float | Tensor = _DEFAULTS["lr"],
         *,
-        base: str = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float | None = None,
-        beta: float = 0.01,
-        gamma: float = 0.8,
-        l1: float = 0.0,
-        phi_init: float = 1.0,
-        phi_min: float = 0.8,
-        phi_max: float | None = 1.25,
-        pathway: str = "row",
-        fracture: str = "relative",
-        phi_norm: str | None = "mean",
-        ascent: str = "additive",
-        positivity: str = "clamp",
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
+        base: str = _DEFAULTS["base"],
+        betas: tuple[float, float] = _DEFAULTS["betas"],
+        eps: float = _DEFAULTS["eps"],
+        amsgrad: bool = _DEFAULTS["amsgrad"],
+        momentum: float = _DEFAULTS["momentum"],
+        dampening: float = _DEFAULTS["dampening"],
+        nesterov: bool = _DEFAULTS["nesterov"],
+        weight_decay: float | None = _DEFAULTS["weight_decay"],
+        beta: float = _DEFAULTS["beta"],
+        gamma: float = _DEFAULTS["gamma"],
+        l1: float = _DEFAULTS["l1"],
+        phi_init: float = _DEFAULTS["phi_init"],
+        phi_min: float = _DEFAULTS["phi_min"],
+        phi_max: float | None = _DEFAULTS["phi_max"],
+        pathway: str = _DEFAULTS["pathway"],
+        fracture: str = _DEFAULTS["fracture"],
+        phi_norm: str | None = _DEFAULTS["phi_norm"],
+        ascent: str = _DEFAULTS["ascent"],
+        positivity: str = _DEFAULTS["positivity"],
+        maximize: bool = _DEFAULTS["maximize"],
+        foreach: bool | None = _DEFAULTS["foreach"],
+        fused: bool | None = _DEFAULTS["fused"],
+        capturable: bool = _DEFAULTS["capturable"],
+        differentiable: bool = _DEFAULTS["differentiable"],
     ) -> None:
         # betas=0.9 must fail by name here, not as tuple()'s TypeError below (the tensor rules
         # are checked with the group in add_param_group)
-        _check_betas({"betas": betas, "foreach": False, "capturable": False, "base": base})
+        RULES["adam"].checks["betas"]({"betas": betas, "foreach": False, "capturable": False,
+                                       "base": base})
         defaults = dict(
             lr=lr, base=base, betas=tuple(betas), eps=eps, amsgrad=amsgrad, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, beta=beta,
@@ -275,8 +150,8 @@ class KintsugiOptimizer(Optimizer):
             capturable=capturable, differentiable=differentiable,
         )
         # (An unknown base keeps every option here; add_param_group reports it.)
-        own = _RULE_OPTIONS.get(base, tuple(defaults))
-        others = {k for rule in _RULE_OPTIONS.values() for k in rule if k not in own}
+        own = _rule_options(base) if base in RULES else tuple(defaults)
+        others = {k for rule in RULES.values() for k in rule.options if k not in own}
         self._other_rule_options = {k: defaults.pop(k) for k in sorted(others)}
         super().__init__(params, defaults)
         if fused:
@@ -315,28 +190,30 @@ class KintsugiOptimizer(Optimizer):
                         float(p_state["step"]), dtype=_get_scalar_dtype(is_fused=group["fused"]),
                         device=p.device if fused_like else None)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
+    def _check_group(self, group: dict[str, Any]) -> _CheckedGroup:
         """Validate ``group`` if any of its values changed since it was last validated (an edit
         of ``param_groups``, a scheduler, a loaded checkpoint), so a bad value raises a
-        ValueError before any state changes instead of silently running something else.
+        ValueError before any state changes instead of silently running something else; and
+        return its record, with the step's :class:`SculptOptions` built once for those values.
 
         Values are compared by identity: a step with nothing changed costs one pass over the
         group's keys; a scheduler's new ``lr`` re-checks only ``lr``.
         """
         checked = self.__dict__.setdefault("_checked_groups", {})
         seen = checked.get(id(group))
-        if seen is not None and seen[0] is group:
-            snapshot, params = seen[1], seen[2]
-            changed = [k for k, v in group.items() if snapshot.get(k, _MISSING) is not v]
-            if not changed and len(snapshot) == len(group) and len(group["params"]) == params:
-                return
-            if (all(k in _SCHEDULED for k in changed) and len(snapshot) == len(group)
-                    and len(group["params"]) == params):
-                for key in changed:
-                    _plain_number_(group, key)
-                    _SCHEDULED[key](group)
-                    snapshot[key] = group[key]
-                return
+        if seen is not None and seen.group is group:
+            if seen.unchanged(group):
+                return seen
+            snapshot = seen.snapshot
+            if len(snapshot) == len(group) and len(group["params"]) == seen.n_params:
+                changed = [k for k, v in group.items() if snapshot.get(k, _MISSING) is not v]
+                if all(k in _SCHEDULED for k in changed):
+                    for key in changed:
+                        _plain_number_(group, key)
+                        _SCHEDULED[key](group)
+                        snapshot[key] = group[key]
+                    seen.build()
+                    return seen
         for key, default in {**_DEFAULTS, **getattr(self, "_other_rule_options", {})}.items():
             if key not in group:
                 group[key] = default if key != "base" else self.defaults.get("base", default)
@@ -345,7 +222,8 @@ class KintsugiOptimizer(Optimizer):
         live = {id(g) for g in self.param_groups}
         for key in [k for k in checked if k not in live]:
             del checked[key]  # groups replaced by load_state_dict
-        checked[id(group)] = (group, dict(group), len(group["params"]))
+        record = checked[id(group)] = _CheckedGroup(group)
+        return record
 
     def _init_group(
         self,
@@ -361,23 +239,37 @@ class KintsugiOptimizer(Optimizer):
         state_steps: list[Tensor],
     ) -> bool:
         """Fill the lists with the group's parameters that have a gradient and their state,
-        creating state lazily; return whether any parameter is complex.
+        creating state lazily (the rule's row says how); return whether any parameter is
+        complex.
 
         The signature is torch's convention (group, then the lists to fill), which
         ``torch.compile`` relies on: dynamo runs ``_init_group`` eagerly instead of tracing it,
         so ``step`` compiles to one graph.
         """
-        self._check_group(group)
+        record = self._check_group(group)
+        ready = record.ready
+        if ready is not None:
+            ready_grads = ready.grads(self.state, group["params"])
+            if ready_grads is not None:
+                record.fast = True
+                params.extend(ready.params)
+                grads.extend(ready_grads)
+                for collected, cached in zip(
+                        (phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
+                         state_steps), ready.lists):
+                    collected.extend(cached)
+                return ready.has_complex
+        record.fast = False
         has_complex = False
         base, fused, pathway = group["base"], group["fused"], group["pathway"]
+        rule = RULES[base]
         softplus = group["positivity"] == "softplus"
-        amsgrad = base != "sgd" and group["amsgrad"]
         # Every check of the group before any of its state is created (step() runs this for
         # every group before it steps any).
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse and (base != "sgd" or fused or p.is_complex()):
+            if p.grad.is_sparse and (not rule.sparse_grads or fused or p.is_complex()):
                 # torch's SGD takes sparse gradients (nn.Embedding(sparse=True)); Adam does not.
                 raise RuntimeError(
                     "KintsugiOptimizer supports sparse gradients with base='sgd' only, on a real "
@@ -394,6 +286,8 @@ class KintsugiOptimizer(Optimizer):
                     f"Invalid pathway: {pathway!r} for a parameter of shape {tuple(p.shape)} "
                     f"whose ϕ has shape {tuple(phi.shape)} from an earlier pathway; ϕ cannot "
                     "change pathway mid-training")
+        lists = StepLists(params, grads, phis, rhos, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                          momentum_buffers, state_steps)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -410,28 +304,16 @@ class KintsugiOptimizer(Optimizer):
             params.append(p)
             grads.append(p.grad)
             phis.append(phi)
-            if base == "sgd":
-                # torch's SGD: no momentum, no buffer (the functional step is given Nones).
-                momentum_buffers.append(state.get("momentum_buffer") if group["momentum"] else None)
-                continue
-            if "step" not in state:
-                # torch keeps `step` on the CPU unless capturable/fused (kernel launches are costly).
-                state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
-                    if group["capturable"] or fused
-                    else torch.tensor(0.0, dtype=_get_scalar_dtype())
-                )
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            state_steps.append(state["step"])
+            rule.gather(state, p, group, lists, bool(fused))
+        # Reusable next step when every parameter stepped with a dense gradient; ρ is derived
+        # afresh each step (softplus), so those groups always take the path above.
+        record.ready = None
+        if (len(params) == len(group["params"]) and not softplus
+                and not any(g.is_sparse for g in grads)):
+            record.ready = _ReadyGroup(
+                self.state, list(params), [self.state[p] for p in params],
+                [list(t) for t in (phis, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                   momentum_buffers, state_steps)], has_complex)
         return has_complex
 
     def _gilding_is_idle(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -449,6 +331,19 @@ class KintsugiOptimizer(Optimizer):
             return False
         if group["fused"] and not all(_dense(t) for t in params + grads):
             return False  # torch's fused kernels step a strided or expanded tensor wrongly
+        # The lists of a group that reused last step's (the same ϕ tensors): one comparison
+        # of their version counters answers for all of them.
+        record = self._checked_groups[id(group)]
+        ready = record.ready if record.fast else None
+        versions = [phi._version for phi in phis] if ready is not None else None
+        if ready is not None and ready.idle is not None and ready.idle[0] == versions:
+            return ready.idle[1]
+        idle = self._phis_are_one(phis)
+        if ready is not None:
+            ready.idle = (versions, idle)
+        return idle
+
+    def _phis_are_one(self, phis: list[Tensor]) -> bool:
         known = self.__dict__.setdefault("_phi_is_one", WeakIdKeyDictionary())
         for phi in phis:
             if type(phi) is not Tensor:  # a DTensor's check would be a collective
@@ -493,74 +388,35 @@ class KintsugiOptimizer(Optimizer):
             )
             prepared.append((group, has_complex, params, grads, phis, rhos, exp_avgs,
                              exp_avg_sqs, max_exp_avg_sqs, momentum_buffers, state_steps))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for (group, has_complex, params, grads, phis, rhos, exp_avgs, exp_avg_sqs,
              max_exp_avg_sqs, momentum_buffers, state_steps) in prepared:
-            beta1, beta2 = group["betas"]
-            foreach, fused = group["foreach"], group["fused"]
-            if isinstance(beta1, Tensor) or isinstance(beta2, Tensor):
-                if fused:  # the fused kernels take the betas as numbers
-                    beta1, beta2 = float(beta1), float(beta2)
-                elif foreach is None and not group["capturable"]:
-                    foreach = False  # torch's foreach Adam takes tensor betas only capturable
+            record = self._checked_groups[id(group)]
+            options, foreach, fused = record.options, record.foreach, record.fused
             if any(g.is_sparse for g in grads):
                 foreach = False  # the foreach ops take no sparse tensors; torch's SGD neither
+            lists = StepLists(params, grads, phis, rhos if options.gilding.softplus else None,
+                              exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
+                              state_steps)
             if self._gilding_is_idle(group, params, grads, phis):
-                torch_step(
-                    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, momentum_buffers,
-                    state_steps, base=group["base"], foreach=foreach,
-                    fused=fused, grad_scale=getattr(self, "grad_scale", None),
-                    found_inf=getattr(self, "found_inf", None), has_complex=has_complex,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    amsgrad=group["amsgrad"], momentum=group["momentum"],
-                    dampening=group["dampening"], nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"],
-                    capturable=group["capturable"], differentiable=group["differentiable"],
-                )
-                if group["base"] == "sgd" and group["momentum"] != 0:
-                    for p, buf in zip(params, momentum_buffers):
-                        self.state[p]["momentum_buffer"] = buf
-                continue
-            sculpt(
-                params,
-                grads,
-                phis,
-                rhos if group["positivity"] == "softplus" else None,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                momentum_buffers,
-                state_steps,
-                foreach=foreach,
-                fused=fused,
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-                base=group["base"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                amsgrad=group["amsgrad"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                pathway=group["pathway"],
-                fracture=group["fracture"],
-                beta=group["beta"],
-                gamma=group["gamma"],
-                l1=group["l1"],
-                phi_min=group["phi_min"],
-                phi_max=group["phi_max"],
-                phi_norm=group["phi_norm"],
-                ascent=group["ascent"],
-                positivity=group["positivity"],
-            )
-            if group["base"] == "sgd" and group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers):
-                    self.state[p]["momentum_buffer"] = buf
+                torch_step(lists, options, foreach=foreach, fused=fused, grad_scale=grad_scale,
+                           found_inf=found_inf, has_complex=has_complex)
+            else:
+                if foreach is None and fused is None:
+                    # The default implementation, chosen once while the group's lists hold.
+                    ready = record.ready if record.fast else None
+                    if ready is not None and ready.impl is not None:
+                        foreach, fused = ready.impl
+                    else:
+                        foreach, fused = resolve_impl(params, options, foreach, fused)
+                        if ready is not None:
+                            ready.impl = (foreach, fused)
+                sculpt_group(lists, options, foreach=foreach, fused=fused,
+                             grad_scale=grad_scale, found_inf=found_inf)
+            store = RULES[options.base].store
+            if store is not None:
+                store(self.state.__getitem__, lists, options)
         return loss
 
     def gilding(self) -> dict[Any, dict[Any, Tensor]]:
@@ -635,10 +491,15 @@ def _dense(t: Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _resolved_weight_decay(group: dict[str, Any]) -> float:
-    if group.get("weight_decay") is None:
-        return 1e-2 if group.get("base") == "adamw" else 0.0
-    return group["weight_decay"]
 
+
+def _document_defaults(doc: str) -> str:
+    """The class docstring with each ``<<option>>`` replaced by its default."""
+    for key, value in _DEFAULTS.items():
+        doc = doc.replace(f"<<{key}>>", repr(value))
+    return doc
+
+
+KintsugiOptimizer.__doc__ = _document_defaults(KintsugiOptimizer.__doc__ or "")
 
 Sculptor = KintsugiOptimizer
