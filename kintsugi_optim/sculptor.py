@@ -277,6 +277,8 @@ class KintsugiOptimizer(Optimizer):
         # betas=0.9 must fail by name here, not as tuple()'s TypeError below (the tensor rules
         # are checked with the group in add_param_group)
         _check_betas({"betas": betas, "foreach": False, "capturable": False, "base": base})
+        # No β given: each param group's rule decides (add_param_group), the constructor's here.
+        self._beta_by_rule = beta is None
         if beta is None:
             beta = _default_beta(base, momentum)
         defaults = dict(
@@ -301,7 +303,12 @@ class KintsugiOptimizer(Optimizer):
         other_rule_options = getattr(self, "_other_rule_options", {})
         candidate = {**other_rule_options, **self.defaults, **param_group}
         _plain_numbers_(candidate)
+        by_rule = getattr(self, "_beta_by_rule", False) and "beta" not in param_group
+        if by_rule:
+            candidate["beta"] = _default_beta(candidate["base"], candidate["momentum"])
         _validate_group(candidate)
+        if by_rule:
+            param_group["beta"] = candidate["beta"]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key, value in other_rule_options.items():

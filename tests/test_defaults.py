@@ -80,6 +80,20 @@ def test_gilding_is_on_by_default_but_for_plain_sgd(options):
                for phi in opt.gilding()[0].values())
 
 
+def test_each_groups_rule_decides_beta_unless_one_is_given():
+    a, b, c = (torch.zeros(2, requires_grad=True) for _ in range(3))
+    opt = KintsugiOptimizer([{"params": [a]}, {"params": [b], "momentum": 0.9},
+                             {"params": [c], "beta": 0.5}], base="sgd")
+    assert [g["beta"] for g in opt.param_groups] == [0.0, 0.01, 0.5]
+    opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "base": "adam"})
+    assert opt.param_groups[-1]["beta"] == 0.01
+    adam = KintsugiOptimizer([{"params": [a]}, {"params": [b], "base": "sgd"}])
+    assert [g["beta"] for g in adam.param_groups] == [0.01, 0.0]
+    given = KintsugiOptimizer([{"params": [a]}, {"params": [b], "momentum": 0.9}], base="sgd",
+                              beta=0.02)
+    assert [g["beta"] for g in given.param_groups] == [0.02, 0.02]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     impl=st.sampled_from([dict(foreach=False), dict(foreach=True), dict(fused=True)]),
