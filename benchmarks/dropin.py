@@ -24,9 +24,12 @@ same thing:
 Usage::
 
     python benchmarks/dropin.py speed [--rounds 201]
-    python benchmarks/dropin.py quality --configs defaults --seeds 8        # the check
+    python benchmarks/dropin.py quality --configs defaults --seeds 6        # the check
     python benchmarks/dropin.py quality --configs screen --seeds 3          # candidate defaults
     python benchmarks/dropin.py quality --tasks mlp,cnn --bases sgdm --seeds 5
+    python benchmarks/dropin.py quality --first-seed 100 --seeds 6          # fresh seeds
+    python benchmarks/dropin.py quality --configs sgd-why --bases sgd --seeds 6   # plain SGD
+    python benchmarks/dropin.py quality --bases sgd --tasks mlp,cnn --lr-scale 0.25
 
 Results are printed and written to ``benchmarks/results/dropin-<study>-<date>.json``.
 """
