@@ -24,9 +24,12 @@ same thing:
 Usage::
 
     python benchmarks/dropin.py speed [--rounds 201]
-    python benchmarks/dropin.py quality --configs defaults --seeds 8        # the check
+    python benchmarks/dropin.py quality --configs defaults --seeds 6        # the check
     python benchmarks/dropin.py quality --configs screen --seeds 3          # candidate defaults
     python benchmarks/dropin.py quality --tasks mlp,cnn --bases sgdm --seeds 5
+    python benchmarks/dropin.py quality --first-seed 100 --seeds 6          # fresh seeds
+    python benchmarks/dropin.py quality --configs sgd-why --bases sgd --seeds 6   # plain SGD
+    python benchmarks/dropin.py quality --bases sgd --tasks mlp,cnn --lr-scale 0.25
 
 Results are printed and written to ``benchmarks/results/dropin-<study>-<date>.json``.
 """
@@ -228,6 +231,19 @@ CONFIGS = {
         "row-g.8cap1.25min.8": dict(beta=0.01, gamma=0.8, phi_max=1.25, phi_min=0.8,
                                     pathway="row"),
     },
+    # Plain SGD (momentum 0): why the defaults cost it 1-4% on two tasks, and candidates.
+    # "shuffled" keeps the defaults' ϕ values but hands them to random rows every step, so it
+    # separates what ϕ's spread costs from what its choice of rows costs.
+    "sgd-why": {
+        "defaults": {},
+        "shuffled": dict(_shuffle_phi=True),
+        "[.9,1.1]": dict(gamma=1 / 1.1, phi_min=0.9, phi_max=1.1),
+        "b.003": dict(beta=0.003),
+        "tensor": dict(pathway="tensor"),
+    },
+    # The noise floor: ϕ moves by about 1e-6, which changes nothing but rounding, so its
+    # spread against torch is what chaos alone does to a task's test loss.
+    "null": {"β 1e-6": dict(beta=1e-6)},
     "confirm3": {
         "row-b.003g.8cap1.25": dict(beta=0.003, gamma=0.8, phi_max=1.25, pathway="row"),
         "row-g.8cap1.25min.8": dict(beta=0.01, gamma=0.8, phi_max=1.25, phi_min=0.8,
@@ -236,7 +252,15 @@ CONFIGS = {
 }
 
 
-def train(task, seed, make_optimizer):
+def _shuffle_phi_(opt):
+    with torch.no_grad():
+        for state in opt.state.values():
+            phi = state.get("phi")
+            if phi is not None and phi.dim() > 0:
+                phi.copy_(phi.flatten()[torch.randperm(phi.numel())].view_as(phi))
+
+
+def train(task, seed, make_optimizer, shuffle_phi=False):
     torch.manual_seed(seed)
     model, batches, test_loss = TASKS[task](seed)
     loss_fn = _loss_for(task)
@@ -248,6 +272,8 @@ def train(task, seed, make_optimizer):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if shuffle_phi:
+            _shuffle_phi_(opt)
         losses.append(loss.item())
         if isinstance(opt, KintsugiOptimizer):
             largest_phi = max(largest_phi, max(
@@ -264,14 +290,16 @@ def quality(args) -> dict:
     for task in args.tasks:
         for base in args.bases:
             torch_cls, torch_options, kintsugi_options, lrs = BASES[base]
-            lr = lrs[task]
-            for seed in range(args.seeds):
+            lr = lrs[task] * args.lr_scale
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.perf_counter()
                 ref = train(task, seed, lambda p: torch_cls(p, lr=lr, **torch_options))
                 rows.append(dict(task=task, base=base, seed=seed, config="torch", **ref))
                 for name, config in configs.items():
+                    config = dict(config)
+                    shuffle = config.pop("_shuffle_phi", False)
                     out = train(task, seed, lambda p: KintsugiOptimizer(
-                        p, lr=lr, **kintsugi_options, **config))
+                        p, lr=lr, **kintsugi_options, **config), shuffle_phi=shuffle)
                     rows.append(dict(task=task, base=base, seed=seed, config=name, **out))
                 if args.log:  # every row as it comes, so a long study can be read half-way
                     with open(args.log, "a") as log:
@@ -395,6 +423,11 @@ def main() -> None:
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--configs", choices=list(CONFIGS), default="defaults")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="quality: seeds first_seed, ..., first_seed + seeds - 1 (fresh seeds "
+                        "for a confirmation: e.g. 100)")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="quality: every learning rate times this, torch's and Kintsugi's")
     parser.add_argument("--rounds", type=int, default=201)
     parser.add_argument("--impls", default="", help="speed: Kintsugi implementations to time "
                         "beside the default (single,foreach,fused)")

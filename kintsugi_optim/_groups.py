@@ -198,6 +198,15 @@ class _ReadyGroup:
         return grads
 
 
+def _default_beta(group: dict[str, Any]) -> float:
+    """β for a group that sets none, under a constructor given none: its rule's
+    (``Rule.gilding_rate``, 0 for plain SGD), else the parameter level's default."""
+    rule = RULES.get(group["base"])
+    if rule is not None and rule.gilding_rate is not None:
+        return rule.gilding_rate(group)
+    return PARAMETER_GILDING_DEFAULTS["beta"]
+
+
 def _resolved_weight_decay(group: dict[str, Any]) -> float:
     if group.get("weight_decay") is None:
         rule = RULES.get(group.get("base"))

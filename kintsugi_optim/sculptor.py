@@ -29,6 +29,7 @@ from kintsugi_optim._groups import (  # noqa: F401 - _DEFAULTS: its older import
     _ReadyGroup,
     _resolved_weight_decay,
     _rule_options,
+    _default_beta,
     _validate_group,
 )
 from kintsugi_optim._kernels import StepLists
@@ -39,7 +40,6 @@ from kintsugi_optim.pathways import new_phi, phi_dtype, phi_shape
 from kintsugi_optim.rules import RULES
 
 __all__ = ["KintsugiOptimizer", "Sculptor"]
-
 
 # With β = 0 and ϕ ≡ 1 a step is torch's own (KintsugiOptimizer._gilding_is_idle). Tests of
 # the gilding maths at β = 0 turn this off, to step through the Sculptor's own paths.
@@ -72,7 +72,9 @@ class KintsugiOptimizer(Optimizer):
         weight_decay (float): coupled (L2 in g) for sgd/adam, decoupled for adamw
             (default: the rule's, 0 or 1e-2 for adamw). AdamW's ``θ *= 1 − lr·wd`` is not
             scaled by ϕ.
-        beta (float): gilding rate β ≥ 0 (default: <<beta>>). gamma (float): damping γ ≥ 0
+        beta (float): gilding rate β ≥ 0 (default: the rule's, ``Rule.gilding_rate``: 0 for
+            plain SGD, ``base="sgd"`` with ``momentum=0``, <<beta>> otherwise; each param group
+            without a ``beta`` of its own gets its rule's). gamma (float): damping γ ≥ 0
             (<<gamma>>: ϕ stops rising near 1/γ). l1 (float): tempering λ ≥ 0 (<<l1>>).
         phi_init, phi_min, phi_max: ϕ's start and bounds (<<phi_init>>, <<phi_min>>,
             <<phi_max>>; ``phi_max=None``: no cap); 0 < phi_min ≤ phi_init ≤ phi_max. With
@@ -120,7 +122,7 @@ class KintsugiOptimizer(Optimizer):
         dampening: float = _DEFAULTS["dampening"],
         nesterov: bool = _DEFAULTS["nesterov"],
         weight_decay: float | None = _DEFAULTS["weight_decay"],
-        beta: float = _DEFAULTS["beta"],
+        beta: float | None = None,
         gamma: float = _DEFAULTS["gamma"],
         l1: float = _DEFAULTS["l1"],
         phi_init: float = _DEFAULTS["phi_init"],
@@ -141,6 +143,10 @@ class KintsugiOptimizer(Optimizer):
         # are checked with the group in add_param_group)
         RULES["adam"].checks["betas"]({"betas": betas, "foreach": False, "capturable": False,
                                        "base": base})
+        # No β given: each param group's rule decides (add_param_group), the constructor's here.
+        self._beta_by_rule = beta is None
+        if beta is None:
+            beta = _default_beta({"base": base, "momentum": momentum})
         defaults = dict(
             lr=lr, base=base, betas=tuple(betas), eps=eps, amsgrad=amsgrad, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, beta=beta,
@@ -163,7 +169,12 @@ class KintsugiOptimizer(Optimizer):
         other_rule_options = getattr(self, "_other_rule_options", {})
         candidate = {**other_rule_options, **self.defaults, **param_group}
         _plain_numbers_(candidate)
+        by_rule = getattr(self, "_beta_by_rule", False) and "beta" not in param_group
+        if by_rule:
+            candidate["beta"] = _default_beta(candidate)
         _validate_group(candidate)
+        if by_rule:
+            param_group["beta"] = candidate["beta"]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key, value in other_rule_options.items():

@@ -4,7 +4,7 @@
   eagerly), torch's choice elsewhere (complex parameters, ``differentiable``, torch.compile);
 * the gilding defaults, chosen with benchmarks/dropin.py: β, γ and ϕ's bounds, which keep
   every step within [phi_min / phi_max, phi_max] times the base rule's (README.md,
-  "Performance").
+  "Performance"); β = 0 for plain SGD (momentum 0), which is then torch's SGD.
 """
 
 import pytest
@@ -60,6 +60,38 @@ def test_beta_zero_default_is_torchs_default_step():
     theirs, _ = trajectory(lambda p: torch.optim.Adam(p, lr=0.01), shapes)
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
+
+
+def test_plain_sgd_default_is_torchs_sgd():
+    shapes = [(7, 5), (5,), ()]
+    ours, opt = trajectory(lambda p: KintsugiOptimizer(p, lr=0.1, base="sgd"), shapes)
+    theirs, _ = trajectory(lambda p: torch.optim.SGD(p, lr=0.1), shapes)
+    assert opt.param_groups[0]["beta"] == 0.0
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("options", [dict(base="sgd", momentum=0.9), dict(base="adam"),
+                                     dict(base="adamw"), dict(base="sgd", beta=0.01)])
+def test_gilding_is_on_by_default_but_for_plain_sgd(options):
+    _, opt = trajectory(lambda p: KintsugiOptimizer(p, lr=0.01, **options), [(7, 5), (5,)])
+    assert opt.param_groups[0]["beta"] == 0.01 == _DEFAULTS["beta"]
+    assert any(not torch.equal(phi, torch.ones_like(phi))
+               for phi in opt.gilding()[0].values())
+
+
+def test_each_groups_rule_decides_beta_unless_one_is_given():
+    a, b, c = (torch.zeros(2, requires_grad=True) for _ in range(3))
+    opt = KintsugiOptimizer([{"params": [a]}, {"params": [b], "momentum": 0.9},
+                             {"params": [c], "beta": 0.5}], base="sgd")
+    assert [g["beta"] for g in opt.param_groups] == [0.0, 0.01, 0.5]
+    opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "base": "adam"})
+    assert opt.param_groups[-1]["beta"] == 0.01
+    adam = KintsugiOptimizer([{"params": [a]}, {"params": [b], "base": "sgd"}])
+    assert [g["beta"] for g in adam.param_groups] == [0.01, 0.0]
+    given = KintsugiOptimizer([{"params": [a]}, {"params": [b], "momentum": 0.9}], base="sgd",
+                              beta=0.02)
+    assert [g["beta"] for g in given.param_groups] == [0.02, 0.02]
 
 
 @settings(max_examples=40, deadline=None)

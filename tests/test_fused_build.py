@@ -4,7 +4,8 @@ The kernel is built on first use (kintsugi_optim/_fused.py). A compiler that is 
 and a lock file left behind by a build that was killed, must end in a clear RuntimeError for
 ``fused=True`` and in a warning and the foreach step for the default path. Each build runs in a
 fresh interpreter with its own extensions directory and a "compiler" that only fails, so no test
-compiles anything.
+compiles anything. ``python -m kintsugi_optim build`` builds it ahead of time (or finds it
+cached) and says where; with a broken toolchain it exits with 1 and the cause.
 """
 
 import os
@@ -114,3 +115,29 @@ def test_default_path_falls_back_with_one_warning(monkeypatch):
     assert len(messages) == 1 and "falls back to its foreach step" in messages[0], messages
     assert torch.equal(p, q)
     assert torch.equal(default.state[p]["phi"], chosen.state[q]["phi"])
+
+
+def test_build_command_reports_a_broken_toolchain(tmp_path):
+    result = run_build(tmp_path, """
+        import sys
+        from kintsugi_optim.__main__ import main
+        sys.exit(main(["build"]))
+    """)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.startswith("kintsugi build: error:")
+    assert "needs a working C++ compiler" in result.stderr
+    assert "CalledProcessError" in result.stderr  # the cause is named
+
+
+def test_build_command_finds_the_cached_kernel():
+    fused._cpu_kernel()  # built once per machine, as the fused tests do
+    library = next(Path(p) for p in torch.ops.loaded_libraries if "kintsugi_fused_cpu" in p)
+    built = library.stat().st_mtime
+    result = subprocess.run([sys.executable, "-m", "kintsugi_optim", "build"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("fused CPU kernel found in the cache in ")
+    assert result.stdout.strip().endswith(str(library))
+    assert library.stat().st_mtime == built  # loaded, not built again
