@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to train (default: cuda when available, else cpu)")
     demo.add_argument("--quick", action="store_true",
                       help="a few seconds: fewer steps and samples, for smoke tests")
-    build = commands.add_parser(
+    commands.add_parser(
         "build", help="build the fused CPU kernel now (it is otherwise built on first use)",
         description="Build KintsugiOptimizer's fused C++ kernel for this CPU into the torch "
                     "extensions cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), "
