@@ -169,7 +169,9 @@ class KintsugiOptimizer(Optimizer):
         other_rule_options = getattr(self, "_other_rule_options", {})
         candidate = {**other_rule_options, **self.defaults, **param_group}
         _plain_numbers_(candidate)
-        by_rule = getattr(self, "_beta_by_rule", False) and "beta" not in param_group
+        # beta=None in a group is its rule's default, as weight_decay=None is.
+        by_rule = (param_group.get("beta", 0.0) is None
+                   or getattr(self, "_beta_by_rule", False) and "beta" not in param_group)
         if by_rule:
             candidate["beta"] = _default_beta(candidate)
         _validate_group(candidate)
