@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 from kintsugi_optim import GildedLoss, GilderOptimizer, KintsugiOptimizer, VWPR
 
 SCALE = 2.0**12

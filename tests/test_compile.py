@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.optim import lr_scheduler
 
-from conftest import requires_cuda, requires_torch
+from helpers import requires_cuda, requires_torch
 from kintsugi_optim import KintsugiOptimizer
 
 # dynamo imports torch.utils.mkldnn, which uses torch.jit.script_method: torch's warning, not ours

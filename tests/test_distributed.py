@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kintsugi_optim import GildedLoss, GilderOptimizer, KintsugiOptimizer, VWPR
-from conftest import requires_torch
+from helpers import requires_torch
 
 pytestmark = pytest.mark.distributed
 # Older torch lacks DTensor rules for the ops ϕ's gilding uses (clamp_min, softplus, their foreach
