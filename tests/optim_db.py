@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -353,21 +354,42 @@ def cases(
     return out
 
 
+# Hyperparameters the Sculptor refuses with a ValueError that names the argument and shows the
+# value (a pair's bad component), at construction and in add_param_group.
+INVALID_VALUES: list[tuple[str, Any]] = [
+    ("lr", -1e-3), ("lr", float("nan")), ("beta", -0.1), ("beta", float("inf")), ("gamma", -1.0),
+    ("l1", -0.5), ("eps", -1e-8), ("weight_decay", -0.1), ("momentum", -0.9),
+    ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("betas", (0.9, 1.5)),
+    ("phi_min", 0.0), ("phi_min", -1.0), ("phi_init", 1e-4), ("phi_init", 5.0),
+    ("phi_max", 0.5), ("base", "adagrad"), ("pathway", "neuron"), ("fracture", "squared"),
+    ("phi_norm", "sum"), ("ascent", "geometric"), ("positivity", "relu"),
+]
+_ALONGSIDE = {"phi_init": {"phi_max": 2.0}}  # phi_init=5 is out of bounds only below a cap
+
+
+def _names_value(name: str, value: Any) -> str:
+    if name == "betas":
+        index = 0 if not 0 <= value[0] < 1 else 1
+        name, value = f"betas[{index}]", value[index]
+    return rf"Invalid .*{re.escape(name)}.*{re.escape(repr(value))}"
+
+
 # Error inputs, as torch's optim_error_inputs: (constructor kwargs, error type, message regex).
 ERROR_INPUTS: list[tuple[dict[str, Any], type[Exception], str]] = [
-    (dict(lr=-1e-2), ValueError, r"Invalid lr: -0\.01"),
-    (dict(lr=float("nan")), ValueError, "Invalid lr: nan"),
+    *((dict({name: value}, **_ALONGSIDE.get(name, {})), ValueError, _names_value(name, value))
+      for name, value in INVALID_VALUES),
     (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Invalid lr.*one element"),
-    (dict(betas=(1.0, 0.999)), ValueError, r"Invalid betas\[0\]: 1\.0"),
+    (dict(beta=torch.tensor([1.0, 2.0])), ValueError, r"Invalid beta: tensor\(\[1\., 2\.\]\)"),
     (dict(betas=(0.9,)), ValueError, "Invalid betas.*pair"),
-    (dict(eps=-1.0), ValueError, "Invalid eps: -1.0"),
-    (dict(weight_decay=-1.0), ValueError, "Invalid weight_decay: -1.0"),
-    (dict(momentum=-0.5), ValueError, "Invalid momentum: -0.5"),
-    (dict(base="sgd", nesterov=True), ValueError, "Invalid nesterov"),
-    (dict(base="rmsprop"), ValueError, "Invalid base: 'rmsprop'"),
-    (dict(beta=-0.1), ValueError, r"Invalid beta: -0\.1"),
-    (dict(phi_min=0.0), ValueError, "Invalid phi_min: 0.0"),
-    (dict(pathway="neuron"), ValueError, "Invalid pathway: 'neuron'"),
-    (dict(foreach=True, fused=True), RuntimeError, "cannot be `True` together"),
+    (dict(base="sgd", nesterov=True), ValueError, "Invalid nesterov: True.*momentum=0"),
+    (dict(base="sgd", nesterov=True, momentum=0.9, dampening=0.5), ValueError,
+     "Invalid nesterov: True.*dampening=0.5"),
+    (dict(ascent="multiplicative", positivity="softplus"), ValueError,
+     "Invalid positivity: 'softplus'.*multiplicative"),
+    (dict(foreach=True, fused=True), RuntimeError, "`fused` and `foreach` cannot be `True` together"),
     (dict(fused=True, differentiable=True), RuntimeError, "`fused` does not support"),
 ]
+
+
+def error_id(kwargs: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())

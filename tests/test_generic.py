@@ -12,7 +12,7 @@ import torch
 
 from helpers import assert_same_state_dict, loss_of, model_and_data, train
 from kintsugi_optim import KintsugiOptimizer
-from optim_db import ERROR_INPUTS, GILDINGS, IMPLS, RULES, cases
+from optim_db import ERROR_INPUTS, GILDINGS, IMPLS, RULES, cases, error_id
 
 
 def _model(dtype=torch.float32):
@@ -347,7 +347,7 @@ def test_lr_scheduler_drives_the_group_lr(case):
 
 
 @pytest.mark.parametrize("kwargs,error,match", ERROR_INPUTS,
-                         ids=[str(sorted(k)) for k, _, _ in ERROR_INPUTS])
+                         ids=[error_id(k) for k, _, _ in ERROR_INPUTS])
 @pytest.mark.parametrize("rule", RULES)
 def test_error_inputs(rule, kwargs, error, match):
     """torch's optim_error_inputs: bad arguments raise at construction, naming the value."""
