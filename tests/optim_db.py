@@ -78,6 +78,7 @@ RULES: dict[str, Rule] = {
         configs={
             "plain": {},
             "momentum": dict(momentum=0.9),
+            "nesterov": dict(momentum=0.9, nesterov=True),
             "nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
             "dampening-maximize": dict(momentum=0.8, dampening=0.3, maximize=True),
         },
@@ -325,32 +326,41 @@ def cases(
     gildings: Iterable[str] = _crossed(GILDINGS),
     impls: Iterable[str] = _crossed(IMPLS),
     options: str = "registry",
+    cover: str = "product",
     needs: Iterable[str] = (),
     where: Callable[[Case], bool] | None = None,
 ) -> list[Any]:
     """``pytest.param(Case)`` for each combination, with ids like ``adam-row-fused``.
 
+    ``cover``: "product" crosses rules × gildings × implementations; "each" takes as few cases
+    as make each of them appear at least once (the i-th case takes the i-th of each, cycling),
+    for tests whose cost forbids the product.
     ``options``: "registry" takes each rule's :attr:`Rule.kwargs`; "product" takes every
     combination of its option axes (:meth:`Rule.option_product`) as separate cases.
     ``needs``: features the test uses; a case that lacks one is kept as a skip that says why,
     so the report shows what is not covered. ``where``: any further filter. Each case carries
     its implementation's marks; tests/conftest.py runs its ``setup`` before the test.
     """
+    rules, gildings, impls = tuple(rules), tuple(gildings), tuple(impls)
+    if cover == "each":
+        n = max(len(rules), len(gildings), len(impls))
+        combos = [(rules[i % len(rules)], None, gildings[i % len(gildings)],
+                   impls[i % len(impls)]) for i in range(n)]
+    else:
+        combos = [(rule, rule_options, gilding, impl) for rule in rules
+                  for rule_options in ([None] if options == "registry"
+                                       else RULES[rule].option_product())
+                  for gilding in gildings for impl in impls]
     out = []
-    for rule_name in rules:
-        rule = RULES[rule_name]
-        option_sets = [None] if options == "registry" else rule.option_product()
-        for rule_options in option_sets:
-            for gilding in gildings:
-                for impl in impls:
-                    case = Case(rule, GILDINGS[gilding], IMPLS[impl], rule_options)
-                    if where is not None and not where(case):
-                        continue
-                    reasons = [r for r in map(case.unsupported, needs) if r]
-                    marks = [*case.impl.marks]
-                    if reasons:
-                        marks.append(pytest.mark.skip(reason=reasons[0]))
-                    out.append(pytest.param(case, id=case.id, marks=marks))
+    for rule, rule_options, gilding, impl in combos:
+        case = Case(RULES[rule], GILDINGS[gilding], IMPLS[impl], rule_options)
+        if where is not None and not where(case):
+            continue
+        reasons = [r for r in map(case.unsupported, needs) if r]
+        marks = [*case.impl.marks]
+        if reasons:
+            marks.append(pytest.mark.skip(reason=reasons[0]))
+        out.append(pytest.param(case, id=case.id, marks=marks))
     return out
 
 
