@@ -13,6 +13,7 @@ Nothing here imports a test module or tests/optim_db.py.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,6 +124,18 @@ def assert_same_state_dict(a: dict, b: dict) -> None:
         assert state.keys() == b["state"][k].keys()
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][k][name])), name
+
+
+def snapshot(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer):
+    """Copies of θ and of the optimizer's ``state_dict()``, for :func:`assert_same_snapshot`."""
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_snapshot(a, b) -> None:
+    """Two :func:`snapshot`s hold bitwise the same θ, groups and state."""
+    for p, q in zip(a[0], b[0], strict=True):
+        assert torch.equal(p, q)
+    assert_same_state_dict(a[1], b[1])
 
 
 def assert_phi_finite_and_positive(phis) -> None:
