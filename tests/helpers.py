@@ -150,7 +150,7 @@ def model_and_data(*, dtype=torch.float32, seed=0, sizes=(5, 4, 3), batch=16, da
     model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(),
                           nn.Linear(sizes[1], sizes[2])).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(data_seed)
-    x = torch.randn(batch, sizes[0], generator=g, dtype=dtype).to(device)
+    x = randn((batch, sizes[0]), generator=g, dtype=dtype, device=device)
     y = torch.randint(0, sizes[2], (batch,), generator=g).to(device)
     return model, x, y
 
