@@ -195,6 +195,11 @@ def replace_cpu_kernel(monkeypatch, kernel_for: Callable[[], Any]) -> None:
     monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", kernel_for)
 
 
+# The CUDA path's Triton kernels (tests/triton_interpreter.py runs or compiles them on the CPU).
+CUDA_KERNELS_MODULE = "kintsugi_optim._fused_cuda"
+CUDA_FUSED_STEP = "fused_sculpt_cuda"
+
+
 def foreach_cpu_paths(monkeypatch, *, run_bytes: int | None = None, host_reads: bool = True) -> None:
     """The CPU foreach path's shortcuts: ``run_bytes`` sets the size of the cache-sized runs it
     steps tensors in; ``host_reads=False`` takes an accelerator's path (no per-tensor sums read

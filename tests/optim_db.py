@@ -161,6 +161,7 @@ GILDINGS: dict[str, Gilding] = _gildings(
     Gilding("softplus", dict(beta=0.05, positivity="softplus", pathway="row")),
     # The fused kernels' branches, each named for the part it exercises (tests/test_fused.py).
     Gilding("row-abs", dict(pathway="row", fracture="abs"), crossed=False),
+    Gilding("tensor-relative", dict(pathway="tensor"), crossed=False),
     Gilding("tensor-abs-unnormalised", dict(pathway="tensor", fracture="abs", phi_norm=None),
             crossed=False),
     Gilding("abs-unnormalised", dict(fracture="abs", phi_norm=None), crossed=False),
