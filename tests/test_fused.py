@@ -1,10 +1,11 @@
 """KintsugiOptimizer(fused=True) against the single-tensor reference path (docs/maths.md §2.3).
 
-One table of configurations (as torch's OptimizerInfo) drives the parity tests on every device:
-CPU in CI (the first test builds the C++ extension, about half a minute once per machine), CUDA
-where present (the Triton kernels), and "triton-interpreter": CPU tensors stepped by the CUDA
-path's Triton kernels in Triton's interpreter, which checks their logic without a GPU (where
-triton is installed).
+Rule and gilding configurations from the registry (tests/optim_db.py) drive the parity tests
+over each fused implementation there: "fused" on the CPU in CI (the first test builds the C++
+extension, about half a minute once per machine), "fused-cuda" where a GPU is present (the
+Triton kernels), and "fused-triton-interpreter": CPU tensors stepped by the CUDA path's Triton
+kernels in Triton's interpreter, which checks their logic without a GPU (where triton is
+installed).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """With beta=0 the Sculptor is torch's SGD / Adam / AdamW (docs/maths.md §2.3), for every
-option combination.
+option combination that torch takes (tests/optim_db.py: each rule's option axes).
 
 Its own maths at β = 0: bitwise on the single-tensor path and for SGD's foreach path,
 allclose(rtol=1e-6, atol=1e-7) on Adam's foreach and on fused (the C++ kernel, and the CUDA
-path's Triton kernels in Triton's interpreter). Those tests turn off the shortcut that a step
+path's Triton kernels, in Triton's interpreter or on a GPU): the registry's tolerances. Those tests turn off the shortcut that a step
 with β = 0 and ϕ ≡ 1 normally takes, torch's own functional step, which is tested on its own
 below: bitwise torch on every path.
 """
