@@ -143,16 +143,27 @@ def assert_phi_finite_and_positive(phis) -> None:
         assert torch.isfinite(phi).all() and (phi > 0).all(), phi
 
 
+def make_model(*, sizes=(5, 4, 3), dtype=torch.float32, seed=0, device="cpu") -> nn.Module:
+    """A Linear–Tanh–Linear classifier of ``sizes``, initialised from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(),
+                         nn.Linear(sizes[1], sizes[2])).to(device=device, dtype=dtype)
+
+
+def make_batch(*, sizes=(5, 4, 3), batch=16, dtype=torch.float32, seed=1, device="cpu"):
+    """Inputs [batch, sizes[0]] and class labels [batch] for :func:`make_model`'s classifier."""
+    g = torch.Generator().manual_seed(seed)
+    x = randn((batch, sizes[0]), generator=g, dtype=dtype, device=device)
+    y = torch.randint(0, sizes[-1], (batch,), generator=g).to(device)
+    return x, y
+
+
 def model_and_data(*, dtype=torch.float32, seed=0, sizes=(5, 4, 3), batch=16, data_seed=1,
                    device="cpu"):
-    """A Linear–Tanh–Linear classifier of ``sizes`` and a batch ``(x, y)`` for it."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(),
-                          nn.Linear(sizes[1], sizes[2])).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(data_seed)
-    x = randn((batch, sizes[0]), generator=g, dtype=dtype, device=device)
-    y = torch.randint(0, sizes[2], (batch,), generator=g).to(device)
-    return model, x, y
+    """:func:`make_model` and a :func:`make_batch` for it: ``(model, x, y)``."""
+    model = make_model(sizes=sizes, dtype=dtype, seed=seed, device=device)
+    return (model, *make_batch(sizes=sizes, batch=batch, dtype=dtype, seed=data_seed,
+                               device=device))
 
 
 def loss_of(model, x, y) -> torch.Tensor:

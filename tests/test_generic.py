@@ -10,17 +10,17 @@ import pickle
 import pytest
 import torch
 
-from helpers import assert_same_state_dict, loss_of, model_and_data, train
+from helpers import assert_same_state_dict, loss_of, make_batch, make_model, train
 from kintsugi_optim import KintsugiOptimizer
 from optim_db import ERROR_INPUTS, GILDINGS, IMPLS, RULES, cases, error_id
 
 
 def _model(dtype=torch.float32):
-    return model_and_data(dtype=dtype)[0]
+    return make_model(dtype=dtype)
 
 
 def _data(dtype=torch.float32, seed=1):
-    return model_and_data(dtype=dtype, data_seed=seed)[1:]
+    return make_batch(dtype=dtype, seed=seed)
 
 
 def _train(model, opt, steps, seed=1, dtype=torch.float32):
