@@ -2,7 +2,6 @@ import os
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from hypothesis import settings
@@ -13,13 +12,20 @@ settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from helpers import requires_cuda, requires_torch  # noqa: E402,F401  (older imports from here)
 
 
-def requires_torch(version: str, why: str):
-    """Skip on a torch older than ``version``: CI also runs the suite on the oldest torch that
-    pyproject.toml accepts, where these features are not claimed (docs/maths.md §4)."""
-    return pytest.mark.skipif(torch.__version__ < version, reason=f"needs torch>={version}: {why}")
+@pytest.fixture(autouse=True)
+def implementation_setup(request, monkeypatch):
+    """A test parametrized over tests/optim_db.py's cases (or its implementations, as ``impl``)
+    gets its implementation's setup (the interpreted Triton kernels, for instance) for its own
+    duration."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    impl = getattr(params.get("case"), "impl", params.get("impl"))
+    setup = getattr(impl, "setup", None)
+    if setup is not None:
+        setup(monkeypatch)
 
 
 @pytest.fixture(scope="module")

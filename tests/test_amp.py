@@ -17,8 +17,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import requires_cuda
+from helpers import assert_same_snapshot, requires_cuda
+from helpers import model_and_data as _model_and_data
+from helpers import snapshot as _snapshot
 from kintsugi_optim import GildedLoss, GilderOptimizer, KintsugiOptimizer, VWPR
+from optim_db import cases
 
 SCALE = 2.0**12
 
@@ -29,35 +32,15 @@ def make_scaler(device="cpu", init_scale=SCALE):
 
 
 def model_and_data(device="cpu"):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
-    x = torch.randn(16, 6, device=device)
-    y = torch.randint(0, 3, (16,), device=device)
-    return model, x, y
+    return _model_and_data(sizes=(6, 8, 3), device=device)
 
 
 def snapshot(model, opt):
-    params = [p.detach().clone() for p in model.parameters()]
-    return params, copy.deepcopy(opt.state_dict()["state"])
+    return _snapshot(list(model.parameters()), opt)
 
 
-def assert_same_state(a, b):
-    params_a, state_a = a
-    params_b, state_b = b
-    for p, q in zip(params_a, params_b):
-        assert torch.equal(p, q)
-    assert state_a.keys() == state_b.keys()
-    for k in state_a:
-        for key in state_a[k]:
-            assert torch.equal(state_a[k][key], state_b[k][key]), key
-
-
-SCULPTORS = [
-    dict(base="adam", foreach=False),
-    dict(base="adam", foreach=True, pathway="row"),
-    dict(base="sgd", momentum=0.9, foreach=False, pathway="tensor"),
-    dict(base="adamw", foreach=True, positivity="softplus"),
-]
+SCULPTORS = cases(gildings=("element", "row", "tensor", "softplus"), impls=("single", "foreach"),
+                  cover="each")
 
 
 def backward_and_step(loss, optimizers, scaler):
@@ -77,26 +60,26 @@ def _id(options):
     return "-".join(str(v) for v in options.values())
 
 
-@pytest.mark.parametrize("options", SCULPTORS, ids=_id)
-def test_sculptor_scaled_run_equals_unscaled_run(options):
+@pytest.mark.parametrize("case", SCULPTORS)
+def test_sculptor_scaled_run_equals_unscaled_run(case):
     runs = []
     for scaler in (None, make_scaler()):
         model, x, y = model_and_data()
-        opt = KintsugiOptimizer(model.parameters(), lr=0.01, beta=0.1, **options)
+        opt = case.make(model.parameters(), lr=0.01, beta=0.1)
         for _ in range(4):
             opt.zero_grad()
             backward_and_step(F.cross_entropy(model(x), y), [opt], scaler)
         runs.append(snapshot(model, opt))
-    assert_same_state(*runs)
+    assert_same_snapshot(*runs)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-@pytest.mark.parametrize("options", SCULPTORS, ids=_id)
-def test_sculptor_step_with_inf_or_nan_grads_is_skipped(options, bad):
+@pytest.mark.parametrize("case", SCULPTORS)
+def test_sculptor_step_with_inf_or_nan_grads_is_skipped(case, bad):
     """θ, ϕ (ρ), moments and step counters stay bitwise as they were; the scale backs off;
     the next finite step proceeds."""
     model, x, y = model_and_data()
-    opt = KintsugiOptimizer(model.parameters(), lr=0.01, beta=0.1, **options)
+    opt = case.make(model.parameters(), lr=0.01, beta=0.1)
     scaler = make_scaler()
     for step in range(3):
         opt.zero_grad()
@@ -107,11 +90,11 @@ def test_sculptor_step_with_inf_or_nan_grads_is_skipped(options, bad):
         scaler.step(opt)
         scaler.update()
         if step == 1:
-            assert_same_state(before, snapshot(model, opt))
+            assert_same_snapshot(before, snapshot(model, opt))
             assert scaler.get_scale() == SCALE / 2
     assert all(torch.isfinite(phi).all() for group in opt.gilding().values()
                for phi in group.values())
-    if options["base"] != "sgd":
+    if case.rule.base != "sgd":
         assert opt.state[model[0].weight]["step"].item() == 2
 
 
@@ -134,7 +117,7 @@ def test_sculptor_unscale_then_clip_equals_unscaled_clipping():
                 scaler.step(opt)
                 scaler.update()
         runs.append(snapshot(model, opt))
-    assert_same_state(*runs)
+    assert_same_snapshot(*runs)
 
 
 def _fused_available():
@@ -170,7 +153,7 @@ def test_fused_sculptor_takes_the_scale_into_its_kernel():
                 scaler.update()
                 # rescale: after a backoff the next gradients are scaled by SCALE/2
         runs.append(snapshot(model, opt))
-    assert_same_state(*runs)
+    assert_same_snapshot(*runs)
 
 
 # -- Gilder -------------------------------------------------------------------------------------
@@ -316,4 +299,4 @@ def test_cuda_inf_step_is_skipped(foreach):
     before = snapshot(model, opt)
     scaler.step(opt)
     scaler.update()
-    assert_same_state(before, snapshot(model, opt))
+    assert_same_snapshot(before, snapshot(model, opt))

@@ -13,8 +13,9 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.optim import lr_scheduler
 
-from conftest import requires_cuda, requires_torch
+from helpers import requires_cuda, requires_torch
 from kintsugi_optim import KintsugiOptimizer
+from optim_db import cases
 
 # dynamo imports torch.utils.mkldnn, which uses torch.jit.script_method: torch's warning, not ours
 pytestmark = [
@@ -25,17 +26,18 @@ pytestmark = [
 ]
 
 STEPS = 5
-CONFIGS = [
-    dict(base="adam", pathway="element"),
-    dict(base="adamw", pathway="row", amsgrad=True),
-    dict(base="adam", pathway="tensor", positivity="softplus"),
-    dict(base="adam", pathway="row", ascent="multiplicative", gamma=0.5, l1=0.01),
-    dict(base="sgd", pathway="element", momentum=0.9, nesterov=True),
-]
 
 
-def _id(config):
-    return "-".join(str(v) for v in config.values())
+def _configs():
+    """Each rule and gilding of the registry at least once, as options without lr, β and the
+    implementation flags (the tests choose those)."""
+    chosen = cases(impls=("foreach",), cover="each",
+                   gildings=("element", "row", "softplus", "multiplicative", "tensor"))
+    return [pytest.param({k: v for k, v in param.values[0].kwargs.items()
+                          if k not in ("lr", "beta", "foreach", "fused")}, id=param.id) for param in chosen]
+
+
+CONFIGS = _configs()
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def assert_same(run_a, run_b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+@pytest.mark.parametrize("config", CONFIGS)
 def test_compiled_step_is_one_graph_without_breaks_or_recompiles(config):
     counter = CompileCounter()
     compiled = run(config, counter)
@@ -106,7 +108,7 @@ def test_sgd_momentum_compiles_like_torch_sgd():
     assert counter.frame_count == 2
 
 
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=_id)
+@pytest.mark.parametrize("config", CONFIGS[:3])
 def test_explain_reports_no_graph_break(config):
     model, grads = model_and_grads()
     opt = KintsugiOptimizer(model.parameters(), lr=torch.tensor(0.01), foreach=True,
@@ -120,13 +122,13 @@ def test_explain_reports_no_graph_break(config):
 
 def test_aot_eager_matches_eager():
     """AOTAutograd functionalises the in-place updates of θ, ϕ and the state."""
-    compiled = run(CONFIGS[1], "aot_eager")
+    compiled = run(CONFIGS[1].values[0], "aot_eager")
     dynamo.reset()
-    assert_same(compiled, run(CONFIGS[1]))
+    assert_same(compiled, run(CONFIGS[1].values[0]))
 
 
 @requires_cuda
-@pytest.mark.parametrize("config", CONFIGS[:2], ids=_id)
+@pytest.mark.parametrize("config", CONFIGS[:2])
 def test_cuda_inductor_matches_eager(config):
     counter = CompileCounterWithBackend("inductor")
     compiled = run(config, counter, "cuda")
@@ -137,7 +139,7 @@ def test_cuda_inductor_matches_eager(config):
 
 @requires_cuda
 @pytest.mark.parametrize("foreach", [False, True])
-@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+@pytest.mark.parametrize("config", CONFIGS)
 def test_cuda_capturable_step_in_a_cuda_graph_equals_eager(config, foreach):
     """capturable=True: the whole Sculptor step (θ and ϕ) is captured once and replayed with new
     gradients copied into the captured ones; it matches an eager optimizer step for step."""

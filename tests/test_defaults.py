@@ -11,28 +11,23 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import kintsugi_optim._fused as fused
+from helpers import cpu_kernel, make_params, replace_cpu_kernel, run_steps, sculptor_defaults
 from kintsugi_optim import KintsugiOptimizer
-from kintsugi_optim.sculptor import _DEFAULTS
+from optim_db import IMPLS, PATHWAYS, rule_configs
+
+_DEFAULTS = sculptor_defaults()
 
 
 def trajectory(make, shapes, steps=6, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
-    opt = make(params)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
-        opt.step()
-    return params, opt
+    params = make_params(shapes, dtype=dtype, seed=seed)
+    return params, run_steps(make(params), params, steps)
 
 
-@pytest.mark.parametrize("options", [dict(base="adam"), dict(base="sgd", momentum=0.9),
-                                     dict(base="adamw", amsgrad=True)])
+@pytest.mark.parametrize("options", rule_configs("adam-plain", "sgd-momentum", "adamw-wd"))
 def test_cpu_default_is_the_fused_kernel(options, monkeypatch):
     calls = []
-    kernel = fused._cpu_kernel()
-    monkeypatch.setattr(fused, "_cpu_kernel", lambda: calls.append(1) or kernel)
+    kernel = cpu_kernel()
+    replace_cpu_kernel(monkeypatch, lambda: calls.append(1) or kernel)
     shapes = [(7, 5), (5,), ()]
     ours, _ = trajectory(lambda p: KintsugiOptimizer(p, lr=0.01, **options), shapes)
     assert len(calls) >= 6
@@ -46,7 +41,7 @@ def test_complex_parameters_keep_torchs_choice(monkeypatch):
     def no_kernel():
         raise AssertionError("the fused kernel was chosen")
 
-    monkeypatch.setattr(fused, "_cpu_kernel", no_kernel)
+    replace_cpu_kernel(monkeypatch, no_kernel)
     shapes = [(3, 2)]
     ours, _ = trajectory(lambda p: KintsugiOptimizer(p), shapes, dtype=torch.complex64)
     single, _ = trajectory(lambda p: KintsugiOptimizer(p, foreach=False), shapes,
@@ -96,8 +91,8 @@ def test_each_groups_rule_decides_beta_unless_one_is_given():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    impl=st.sampled_from([dict(foreach=False), dict(foreach=True), dict(fused=True)]),
-    pathway=st.sampled_from(["element", "row", "tensor"]),
+    impl=st.sampled_from([impl.kwargs for impl in IMPLS.values() if impl.crossed]),
+    pathway=st.sampled_from(PATHWAYS),
     momentum=st.sampled_from([0.0, 0.9]),
     beta=st.sampled_from([0.01, 1.0, 100.0]),
     scale=st.sampled_from([1e-6, 1.0, 1e6]),

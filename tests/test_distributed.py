@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from helpers import requires_torch
 from kintsugi_optim import GildedLoss, GilderOptimizer, KintsugiOptimizer, VWPR
-from conftest import requires_torch
+from optim_db import cases
 
 pytestmark = pytest.mark.distributed
 # Older torch lacks DTensor rules for the ops ϕ's gilding uses (clamp_min, softplus, their foreach
@@ -114,14 +115,13 @@ def _id(options):
     return "-".join(f"{k}={v}" for k, v in options.items())
 
 
-DDP_CASES = [
-    dict(pathway="element"),
-    dict(pathway="row", base="sgd", momentum=0.9),
-    dict(pathway="tensor", foreach=True),
-]
+# Each rule, pathway and implementation once; the jobs choose lr and β.
+DDP_CASES = [pytest.param({k: v for k, v in param.values[0].kwargs.items()
+                           if k not in ("lr", "beta")}, id=param.id)
+             for param in cases(gildings=("element", "row", "tensor"), cover="each")]
 
 
-@pytest.mark.parametrize("options", DDP_CASES, ids=_id)
+@pytest.mark.parametrize("options", DDP_CASES)
 def test_ddp_sculptor(pool, options):
     """DDP averages gradients, so every rank takes the same step: θ and ϕ bitwise identical on
     all ranks, and equal to one process training on the global batch."""

@@ -9,31 +9,22 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
-from optim_db import ERROR_INPUTS, GILDINGS, IMPLS, RULES, cases
+from helpers import assert_same_state_dict, loss_of, make_batch, make_model, train
+from kintsugi_optim import KintsugiOptimizer
+from optim_db import ERROR_INPUTS, GILDINGS, IMPLS, RULES, cases, error_id
 
 
-def _model(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+def _model(dtype=torch.float32):
+    return make_model(dtype=dtype)
 
 
 def _data(dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 5, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-
-
-def _loss(model, x, y):
-    return nn.functional.cross_entropy(model(x), y)
+    return make_batch(dtype=dtype, seed=seed)
 
 
 def _train(model, opt, steps, seed=1, dtype=torch.float32):
-    x, y = _data(dtype, seed)
-    for _ in range(steps):
-        opt.zero_grad()
-        _loss(model, x, y).backward()
-        opt.step()
+    train(model, opt, *_data(dtype, seed), steps)
 
 
 def _assert_equal_models(a, b, case=None):
@@ -45,12 +36,7 @@ def _assert_equal_models(a, b, case=None):
 
 
 def _assert_equal_states(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa["param_groups"] == sb["param_groups"]
-    for k, state in sa["state"].items():
-        assert state.keys() == sb["state"][k].keys()
-        for name, value in state.items():
-            assert torch.equal(value, sb["state"][k][name]), name
+    assert_same_state_dict(a.state_dict(), b.state_dict())
 
 
 ALL = cases()
@@ -67,7 +53,7 @@ def test_step_with_closure_returns_its_loss_and_descends(case):
     def closure():
         calls.append(1)
         opt.zero_grad()
-        loss = _loss(model, x, y)
+        loss = loss_of(model, x, y)
         loss.backward()
         return loss
 
@@ -183,8 +169,8 @@ def test_param_groups_with_different_options_are_separate_optimizers(case):
     for _ in range(3):
         for o in (opt, first, second):
             o.zero_grad()
-        _loss(model, x, y).backward()
-        _loss(twin, x, y).backward()
+        loss_of(model, x, y).backward()
+        loss_of(twin, x, y).backward()
         opt.step()
         first.step()
         second.step()
@@ -256,7 +242,7 @@ def test_params_without_grad_and_empty_groups_are_left_alone(case):
     x, y = _data()
     for _ in range(2):
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        loss_of(model, x, y).backward()
         frozen.grad = None
         opt.step()
     assert torch.equal(frozen, before) and frozen not in opt.state
@@ -351,8 +337,8 @@ def test_lr_scheduler_drives_the_group_lr(case):
     for step in range(3):
         for o in (opt, reference):
             o.zero_grad()
-        _loss(model, x, y).backward()
-        _loss(twin, x, y).backward()
+        loss_of(model, x, y).backward()
+        loss_of(twin, x, y).backward()
         opt.step()
         reference.param_groups[0]["lr"] = lr * 0.5**step
         reference.step()
@@ -361,13 +347,11 @@ def test_lr_scheduler_drives_the_group_lr(case):
 
 
 @pytest.mark.parametrize("kwargs,error,match", ERROR_INPUTS,
-                         ids=[str(sorted(k)) for k, _, _ in ERROR_INPUTS])
+                         ids=[error_id(k) for k, _, _ in ERROR_INPUTS])
 @pytest.mark.parametrize("rule", RULES)
 def test_error_inputs(rule, kwargs, error, match):
     """torch's optim_error_inputs: bad arguments raise at construction, naming the value."""
     p = torch.zeros(3, requires_grad=True)
-    from kintsugi_optim import KintsugiOptimizer
-
     with pytest.raises(error, match=match):
         KintsugiOptimizer([p], **{"base": rule, **kwargs})
 
@@ -391,4 +375,7 @@ def test_load_state_dict_does_not_alias_the_source(case):
 
 def test_registry_covers_every_rule_gilding_and_impl():
     ids = {param.id for param in ALL}
-    assert len(ids) == len(RULES) * len(GILDINGS) * len(IMPLS)
+    crossed = [sum(row.crossed for row in table.values()) for table in (GILDINGS, IMPLS)]
+    assert len(ids) == len(RULES) * crossed[0] * crossed[1]
+    every = cases(gildings=tuple(GILDINGS), impls=tuple(IMPLS))
+    assert len({param.id for param in every}) == len(RULES) * len(GILDINGS) * len(IMPLS)

@@ -76,10 +76,6 @@ def make_params(seed=0, dtype=torch.float32):
             for s in shapes]
 
 
-def clone_params(params):
-    return [p.detach().clone().requires_grad_() for p in params]
-
-
 def set_grads(params, g):
     for p in params:
         p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from conftest import requires_cuda
+from helpers import make_params, requires_cuda
 from kintsugi_optim import GilderOptimizer, KintsugiOptimizer
+from optim_db import IMPLS, RULES, Case, GILDINGS, cases
 
 STEPS = 12
 
@@ -24,13 +25,11 @@ SCHEDULERS = {
     ),
     "OneCycleLR": lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=STEPS),
 }
-TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-OPTIONS = {"sgd": {"momentum": 0.9}, "adam": {}, "adamw": {"weight_decay": 0.01}}
+BETA0_SINGLE = cases(gildings=("beta0",), impls=("single",))
 
 
 def tensors(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 4, generator=g), torch.randn(5, generator=g)]
+    return make_params([(5, 4), (5,)], seed=seed)
 
 
 def train(opt, params, make_scheduler, steps=STEPS, seed=1, record=None):
@@ -49,16 +48,13 @@ def train(opt, params, make_scheduler, steps=STEPS, seed=1, record=None):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-@pytest.mark.parametrize("base", ["sgd", "adam", "adamw"])
-def test_beta0_follows_torch_under_every_scheduler(name, base):
+@pytest.mark.parametrize("case", BETA0_SINGLE)
+def test_beta0_follows_torch_under_every_scheduler(name, case):
     """Same schedule, same trajectory: lr (and OneCycleLR's momentum/betas) is read from the
     group at every step. Bitwise, as the single-tensor path is torch's arithmetic."""
     ours, theirs = tensors(), tensors()
-    for p in ours + theirs:
-        p.requires_grad_()
-    sculptor = KintsugiOptimizer(ours, lr=0.01, base=base, beta=0.0, foreach=False,
-                                 **OPTIONS[base])
-    reference = TORCH[base](theirs, lr=0.01, foreach=False, **OPTIONS[base])
+    sculptor = case.make(ours, lr=0.01)
+    reference = case.make_torch(theirs, lr=0.01)
     our_groups, their_groups = [], []
     train(sculptor, ours, SCHEDULERS[name], record=our_groups)
     train(reference, theirs, SCHEDULERS[name], record=their_groups)
@@ -72,7 +68,7 @@ def test_beta0_follows_torch_under_every_scheduler(name, base):
 def test_one_cycle_cycles_the_base_rules_own_momentum(base, cycled, untouched):
     """OneCycleLR picks `betas` over `momentum` when `defaults` has them: `defaults` holds only
     the constructor's base rule, so an SGD Sculptor has its momentum cycled."""
-    params = [p.requires_grad_() for p in tensors()]
+    params = tensors()
     opt = KintsugiOptimizer(params, lr=0.01, base=base, momentum=0.9 if base == "sgd" else 0.0)
     assert cycled in opt.defaults and untouched not in opt.defaults
     before = opt.param_groups[0][untouched]
@@ -89,7 +85,7 @@ def test_groups_that_switch_base_get_the_other_rules_options():
     so a group may use a base other than the constructor's."""
     w, b = tensors()
     opt = KintsugiOptimizer([w], base="sgd", momentum=0.9, betas=(0.8, 0.99))
-    opt.add_param_group({"params": [b.requires_grad_()], "base": "adam"})
+    opt.add_param_group({"params": [b], "base": "adam"})
     assert "betas" not in opt.defaults
     assert opt.param_groups[1]["betas"] == (0.8, 0.99)
     assert opt.param_groups[1]["momentum"] == 0.9
@@ -98,14 +94,11 @@ def test_groups_that_switch_base_get_the_other_rules_options():
     assert "exp_avg" in opt.state[b]
 
 
-def _tensor_lr_run(base, device, **options):
-    ours, theirs = tensors(), tensors()
-    ours = [p.to(device).requires_grad_() for p in ours]
-    theirs = [p.to(device).requires_grad_() for p in theirs]
-    options = dict(OPTIONS[base], **options)
+def _tensor_lr_run(case, device="cpu", **options):
+    ours, theirs = (make_params([(5, 4), (5,)], device=device) for _ in range(2))
     lr = torch.tensor(0.01, device=device if options.get("capturable") else "cpu")
-    sculptor = KintsugiOptimizer(ours, lr=lr, base=base, beta=0.0, **options)
-    reference = TORCH[base](theirs, lr=lr.clone(), **options)
+    sculptor = case.make(ours, lr=lr, **options)
+    reference = case.make_torch(theirs, lr=lr.clone(), **options)
     train(sculptor, ours, SCHEDULERS["SequentialLR"])
     train(reference, theirs, SCHEDULERS["SequentialLR"])
     group_lr = sculptor.param_groups[0]["lr"]
@@ -115,18 +108,19 @@ def _tensor_lr_run(base, device, **options):
     return ours, theirs
 
 
-@pytest.mark.parametrize("base", ["sgd", "adam", "adamw"])
-def test_tensor_lr_under_a_scheduler(base):
+@pytest.mark.parametrize("case", BETA0_SINGLE)
+def test_tensor_lr_under_a_scheduler(case):
     """A 0-d tensor lr stays the same tensor, and the trajectory is torch's, bitwise."""
-    for p, q in zip(*_tensor_lr_run(base, "cpu", foreach=False)):
+    for p, q in zip(*_tensor_lr_run(case)):
         assert torch.equal(p, q)
 
 
 @requires_cuda
-@pytest.mark.parametrize("base", ["adam", "adamw"])
-def test_cuda_tensor_lr_foreach_capturable_under_a_scheduler(base):
+@pytest.mark.parametrize("rule", ["adam", "adamw"])
+def test_cuda_tensor_lr_foreach_capturable_under_a_scheduler(rule):
     """foreach with a tensor lr needs capturable=True (as torch), which needs a CUDA device."""
-    for p, q in zip(*_tensor_lr_run(base, "cuda", foreach=True, capturable=True)):
+    case = Case(RULES[rule], GILDINGS["beta0"], IMPLS["foreach"])
+    for p, q in zip(*_tensor_lr_run(case, device="cuda", capturable=True)):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -135,11 +129,11 @@ def test_scheduler_resumes_with_last_epoch(name):
     """Stop after 5 steps, rebuild optimizer and scheduler from state (the scheduler with
     last_epoch, as torch documents), continue: same θ and ϕ as an uninterrupted run."""
     make = SCHEDULERS[name]
-    full = [p.requires_grad_() for p in tensors()]
+    full = tensors()
     full_opt = KintsugiOptimizer(full, lr=0.01, base="sgd", momentum=0.9, beta=0.05)
     train(full_opt, full, make, steps=STEPS, seed=1)
 
-    first = [p.requires_grad_() for p in tensors()]
+    first = tensors()
     opt = KintsugiOptimizer(first, lr=0.01, base="sgd", momentum=0.9, beta=0.05)
     g = torch.Generator().manual_seed(1)
     scheduler = make(opt)

@@ -5,38 +5,24 @@ import itertools
 import pytest
 import torch
 
+from helpers import grads_for, make_params, run_steps
 from kintsugi_optim import KintsugiOptimizer
+from optim_db import config_id, gilding_product, rule_configs
 from reference import ReferenceSculptor
 
-GILDING_CONFIGS = [
-    dict(pathway=pw, fracture=fr, phi_norm=pn, ascent=asc, positivity=pos)
-    for pw, fr, pn, asc, pos in itertools.product(
-        ("element", "row", "tensor"), ("relative", "abs"), ("mean", None),
-        ("additive", "multiplicative"), ("clamp", "softplus"))
-    if not (asc == "multiplicative" and pos == "softplus")
-]
-BASES = [
-    dict(base="adam", lr=0.05),
-    dict(base="adamw", lr=0.05, weight_decay=0.1),
-    dict(base="sgd", lr=0.05, momentum=0.9, weight_decay=0.01),
-]
+GILDING_CONFIGS = gilding_product()
+BASES = rule_configs("adam-plain", "adamw-wd", "sgd-nesterov-wd")
+SHAPES = [(4, 3), (4,), (), (2, 3, 2, 2)]  # weight, 1-D bias, 0-d scalar, conv weight
 
 
-def make_params():
-    g = torch.Generator().manual_seed(0)
-    shapes = [(4, 3), (4,), (), (2, 3, 2, 2)]  # weight, 1-D bias, 0-d scalar, conv weight
-    return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
-
-
-def grads_for(step, params):
-    g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g, dtype=torch.float64) * (1 + i) for i, p in
-            enumerate(params)]
+def uneven_grads_for(params, step):
+    """Gradients of a different size in each tensor, so relative fracture has work to do."""
+    return [g * (1 + i) for i, g in enumerate(grads_for(params, step))]
 
 
 def two_groups(params, base, config):
     """Group 0: weight and bias; group 1: scalar and conv weight, with different β/γ/λ."""
-    common = dict(base, **config, phi_min=1e-3, phi_max=None)
+    common = dict(base, lr=0.05, **config, phi_min=1e-3, phi_max=None)
     return [
         dict(params=params[:2], **common, beta=0.05, gamma=0.3, l1=0.0),
         dict(params=params[2:], **common, beta=0.2, gamma=0.0, l1=0.01),
@@ -44,14 +30,14 @@ def two_groups(params, base, config):
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
-@pytest.mark.parametrize("base", BASES, ids=lambda b: b["base"])
-@pytest.mark.parametrize("config", GILDING_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("config", GILDING_CONFIGS, ids=config_id)
 def test_trajectory_matches_spec(config, base, foreach):
-    ours, theirs = make_params(), make_params()
+    ours, theirs = make_params(SHAPES, dtype=torch.float64), make_params(SHAPES, dtype=torch.float64)
     opt = KintsugiOptimizer(two_groups(ours, base, config), foreach=foreach)
     ref = ReferenceSculptor(two_groups(theirs, base, config))
     for step in range(8):
-        for p, q, g in zip(ours, theirs, grads_for(step, ours)):
+        for p, q, g in zip(ours, theirs, uneven_grads_for(ours, step)):
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         ref.step()
@@ -73,15 +59,12 @@ def test_theta_step_uses_phi_from_before_gilding():
 
 def test_single_and_foreach_agree_in_float32():
     torch.manual_seed(0)
-    for config, base in itertools.product(GILDING_CONFIGS, BASES):
+    for config, base in itertools.product(GILDING_CONFIGS, [b.values[0] for b in BASES]):
         results = []
         for foreach in (False, True):
-            params = [t.float().detach().requires_grad_() for t in make_params()]
+            params = make_params(SHAPES)
             opt = KintsugiOptimizer(two_groups(params, base, config), foreach=foreach)
-            for step in range(5):
-                for p, g in zip(params, grads_for(step, params)):
-                    p.grad = g.float()
-                opt.step()
+            run_steps(opt, params, 5, grads=uneven_grads_for)
             results.append([p.detach() for p in params] + [opt.state[p]["phi"] for p in params])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{config} {base}")

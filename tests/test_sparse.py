@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from kintsugi_optim import KintsugiOptimizer
+from optim_db import PATHWAYS, RULES, config_id
 
-SGD_OPTIONS = [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
-               dict(momentum=0.5, dampening=0.2, maximize=True)]
+# SGD's configurations that sparse gradients take (weight decay is refused below)
+SGD_OPTIONS = [options for options in RULES["sgd"].configs.values() if "weight_decay" not in options]
 
 
 def train(sparse, make_optimizer, steps=5, dtype=torch.float32):
@@ -32,7 +33,7 @@ def train(sparse, make_optimizer, steps=5, dtype=torch.float32):
     return emb.weight.detach(), optimizer
 
 
-@pytest.mark.parametrize("options", SGD_OPTIONS)
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=config_id)
 @pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_beta_zero_is_torch_sgd_bitwise_on_sparse_gradients(options, foreach, dtype):
@@ -43,8 +44,8 @@ def test_beta_zero_is_torch_sgd_bitwise_on_sparse_gradients(options, foreach, dt
     assert torch.equal(ours, torch_sgd)
 
 
-@pytest.mark.parametrize("options", SGD_OPTIONS)
-@pytest.mark.parametrize("pathway", ["row", "element", "tensor"])
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=config_id)
+@pytest.mark.parametrize("pathway", PATHWAYS)
 def test_sparse_gradients_step_as_their_dense_form_does(options, pathway):
     # One tensor in the group: the tensor pathway's ϕ, normalised over the group, would stay 1.
     phi_norm = None if pathway == "tensor" else "mean"

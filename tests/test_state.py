@@ -7,21 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import model_and_data as _model_and_data
+from helpers import train
 from kintsugi_optim import KintsugiOptimizer, Sculptor
+from optim_db import cases
 
 
 def model_and_data(dtype=torch.float32):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    x, y = torch.randn(32, 6, dtype=dtype), torch.randint(0, 3, (32,))
-    return model, x, y
-
-
-def train(model, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x).float(), y).backward()
-        opt.step()
+    return _model_and_data(dtype=dtype, sizes=(6, 8, 3), batch=32)
 
 
 def test_alias_and_param_forms():
@@ -65,15 +58,11 @@ def test_per_group_hyperparameters_are_used():
     torch.testing.assert_close(opt.state[b]["phi"], torch.tensor([1.5, 2.0, 2.5, 3.0]))
 
 
-@pytest.mark.parametrize("config", [
-    dict(base="adam", pathway="element"),
-    dict(base="sgd", momentum=0.9, pathway="row"),
-    dict(base="adamw", pathway="tensor", positivity="softplus", amsgrad=True),
-    dict(base="adam", pathway="row", foreach=True, ascent="multiplicative"),
-])
-def test_reload_mid_training_continues_bitwise(config):
+@pytest.mark.parametrize("case", cases(impls=("single", "foreach", "fused"), cover="each",
+                                       gildings=("element", "row", "softplus", "multiplicative")))
+def test_reload_mid_training_continues_bitwise(case):
     model, x, y = model_and_data()
-    opt = KintsugiOptimizer(model.parameters(), lr=0.01, beta=0.05, **config)
+    opt = case.make(model.parameters(), lr=0.01)
     train(model, opt, x, y, 5)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -83,7 +72,7 @@ def test_reload_mid_training_continues_bitwise(config):
     saved = torch.load(buffer)
     model2, _, _ = model_and_data()
     model2.load_state_dict(saved["model"])
-    opt2 = KintsugiOptimizer(model2.parameters(), lr=0.01, beta=0.05, **config)
+    opt2 = case.make(model2.parameters(), lr=0.01)
     opt2.load_state_dict(saved["opt"])
     train(model2, opt2, x, y, 5)
     for p, q in zip(model.parameters(), model2.parameters()):

@@ -19,6 +19,8 @@ import types
 import numpy as np
 import pytest
 
+from helpers import CUDA_FUSED_STEP, CUDA_KERNELS_MODULE, replace_cpu_kernel
+
 _MISSING = object()
 
 
@@ -42,7 +44,7 @@ def _interpreted_module():
     import triton.language as tl
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    origin = importlib.util.find_spec("kintsugi_optim._fused_cuda").origin
+    origin = importlib.util.find_spec(CUDA_KERNELS_MODULE).origin
     spec = importlib.util.spec_from_file_location("_fused_cuda_interpreted", origin)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,10 +69,8 @@ def _interpreted_module():
 def use_interpreted_cuda_kernels(monkeypatch):
     """For the duration of one test, CPU tensors' fused steps go to ``fused_sculpt_cuda`` with
     interpreted kernels, in place of the C++ kernel."""
-    import kintsugi_optim._fused
-
     step = _interpreted_cuda_step(monkeypatch)
-    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: step)
+    replace_cpu_kernel(monkeypatch, lambda: step)
 
 
 def _interpreted_cuda_step(monkeypatch):
@@ -139,7 +139,7 @@ def _interpreted_cuda_step(monkeypatch):
         set_attr(self, obj, name, value)
 
     monkeypatch.setattr(interpreter._LangPatchScope, "set_attr", noting_set_attr)
-    step = _interpreted_module().fused_sculpt_cuda
+    step = getattr(_interpreted_module(), CUDA_FUSED_STEP)
 
     def interpreted_step(*args, **kwargs):
         try:
@@ -166,10 +166,8 @@ def compile_only(monkeypatch, arch: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    import kintsugi_optim._fused
-    import kintsugi_optim._fused_cuda as fused_cuda
-
-    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", lambda: fused_cuda.fused_sculpt_cuda)
+    fused_cuda = importlib.import_module(CUDA_KERNELS_MODULE)
+    replace_cpu_kernel(monkeypatch, lambda: getattr(fused_cuda, CUDA_FUSED_STEP))
 
     class NoDevice:
         def get_current_target(self):
