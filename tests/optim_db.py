@@ -396,7 +396,6 @@ ERROR_INPUTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     (dict(lr=10**400), ValueError, r"Invalid lr: an int of 401 digits"),
     (dict(lr=torch.tensor(True)), ValueError, r"Invalid lr: tensor\(True\)"),
     (dict(lr="0.1"), ValueError, r"Invalid lr: '0\.1'"),
-    (dict(beta=None), ValueError, r"Invalid beta: None"),
     (dict(amsgrad="no"), ValueError, r"Invalid amsgrad: 'no'"),
     (dict(base="sgd", nesterov=True), ValueError, "Invalid nesterov: True.*momentum=0"),
     (dict(base="sgd", nesterov=True, momentum=0.9, dampening=0.5), ValueError,

@@ -87,6 +87,10 @@ def test_each_groups_rule_decides_beta_unless_one_is_given():
     given = KintsugiOptimizer([{"params": [a]}, {"params": [b], "momentum": 0.9}], base="sgd",
                               beta=0.02)
     assert [g["beta"] for g in given.param_groups] == [0.02, 0.02]
+    # None is the rule's default in a group too, as for weight_decay, whatever the constructor's
+    named = KintsugiOptimizer([{"params": [a], "beta": None},
+                               {"params": [b], "beta": None, "momentum": 0.9}], base="sgd", beta=0.5)
+    assert [g["beta"] for g in named.param_groups] == [0.0, 0.01]
 
 
 @settings(max_examples=40, deadline=None)
