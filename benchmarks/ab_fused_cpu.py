@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_step import LR, SGD_MOMENTUM, TORCH_CLASSES, make_params, steady_malloc  # noqa: E402
 
-import kintsugi_optim._fused as fused  # noqa: E402
+import kintsugi_optim._kernels.fused_cpu as fused  # noqa: E402
 from kintsugi_optim import KintsugiOptimizer  # noqa: E402
 
 

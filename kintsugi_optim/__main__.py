@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build(args) -> int:
     """Build (or load from the cache) the fused CPU kernel; print its path and the time taken.
     Returns 0, or 1 with the cause on stderr when the build fails."""
-    import kintsugi_optim._fused as fused
+    from kintsugi_optim._kernels import fused_cpu as fused
 
     start, started = time.perf_counter(), time.time()
     try:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kintsugi_optim._validation import require
-from kintsugi_optim.functional import phi_dtype
+from kintsugi_optim.pathways import phi_dtype
 
 __all__ = ["GATED_TYPES", "Gate", "GateFn", "GildingWeights", "select_layers"]
 

@@ -18,18 +18,16 @@ The code lives in those modules; this one keeps every public name importable fro
 from __future__ import annotations
 
 import functools
-import sys
-import types
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from kintsugi_optim._compat import _default_to_fused_or_foreach, _disable_dynamo
-from kintsugi_optim._kernels import StepLists, host
+from kintsugi_optim._kernels import StepLists
 from kintsugi_optim._kernels.foreach import multi_tensor_sculpt
 from kintsugi_optim._kernels.single_tensor import single_tensor_sculpt
-from kintsugi_optim.fracture import foreach_fracture, fracture, relative_fracture_
+from kintsugi_optim.fracture import fracture, relative_fracture_
 from kintsugi_optim.gilding import gild, gild_pathways, gilder_step, softplus_inverse
 from kintsugi_optim.options import (
     ASCENTS,
@@ -40,14 +38,7 @@ from kintsugi_optim.options import (
     GildingOptions,
     SculptOptions,
 )
-from kintsugi_optim.pathways import (  # noqa: F401 - the private names: older import paths
-    _broadcast,
-    _is_dtensor,
-    _like_param,
-    new_phi,
-    phi_dtype,
-    phi_shape,
-)
+from kintsugi_optim.pathways import new_phi, phi_dtype, phi_shape
 from kintsugi_optim.rules import RULES
 
 __all__ = [
@@ -58,10 +49,6 @@ __all__ = [
 ]
 
 BASES = tuple(RULES)  # the rules registered at import; RULES itself is the live registry
-_foreach_fracture = foreach_fracture  # older names, kept importable
-_multi_tensor_sculpt = multi_tensor_sculpt
-_single_tensor_sculpt = single_tensor_sculpt
-_runs = host._runs
 
 
 def torch_step(
@@ -250,18 +237,3 @@ def sculpt(
     sculpt_group(lists, options, foreach=foreach, fused=fused, grad_scale=grad_scale,
                  found_inf=found_inf)
 
-
-class _PatchesHostHeuristics(types.ModuleType):
-    """``functional._cpu_eager`` and ``functional._CPU_RUN_BYTES`` moved to
-    :mod:`kintsugi_optim._kernels.host`; setting them here (as tests that turn the CPU heuristics
-    off do) sets them there, where every path reads them."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("_cpu_eager", "_CPU_RUN_BYTES"):
-            setattr(host, name, value)
-        super().__setattr__(name, value)
-
-
-_cpu_eager = host._cpu_eager
-_CPU_RUN_BYTES = host._CPU_RUN_BYTES
-sys.modules[__name__].__class__ = _PatchesHostHeuristics

@@ -22,7 +22,7 @@ from kintsugi_optim._validation import (
     require_positive_representable,
     require_valid_phi,
 )
-from kintsugi_optim.functional import phi_dtype
+from kintsugi_optim.pathways import phi_dtype
 from kintsugi_optim.gilder import GilderOptimizer
 
 __all__ = ["GildedLoss", "group_dro"]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kintsugi_optim._validation import require, require_choice, require_nonnegative
-from kintsugi_optim.functional import ASCENTS
+from kintsugi_optim.options import ASCENTS
 from kintsugi_optim.gilder import GilderOptimizer
 
 __all__ = ["SampleGildedLoss", "SampleGilder", "sample_gilding", "with_indices", "IndexedDataset"]

@@ -27,7 +27,7 @@ from kintsugi_optim._validation import (
     require_positive_representable,
     require_valid_phi,
 )
-from kintsugi_optim.functional import phi_dtype
+from kintsugi_optim.pathways import phi_dtype
 from kintsugi_optim.history import PhiHistory
 
 __all__ = ["VWPR", "EnhancedVWPRWrapper", "GATED_TYPES"]  # GATED_TYPES lives in _gates.py

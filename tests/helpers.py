@@ -194,16 +194,16 @@ def gilding_machinery_at_beta_zero(monkeypatch, on: bool = True) -> None:
 
 def cpu_kernel():
     """The fused CPU kernel (built, or loaded from the cache)."""
-    from kintsugi_optim._fused import _cpu_kernel
+    from kintsugi_optim._kernels.fused_cpu import _cpu_kernel
 
     return _cpu_kernel()
 
 
 def replace_cpu_kernel(monkeypatch, kernel_for: Callable[[], Any]) -> None:
     """CPU tensors' fused steps call ``kernel_for()`` for their kernel."""
-    import kintsugi_optim._fused
+    from kintsugi_optim._kernels import fused_cpu
 
-    monkeypatch.setattr(kintsugi_optim._fused, "_cpu_kernel", kernel_for)
+    monkeypatch.setattr(fused_cpu, "_cpu_kernel", kernel_for)
 
 
 # The CUDA path's Triton kernels (tests/triton_interpreter.py runs or compiles them on the CPU).
@@ -215,12 +215,12 @@ def foreach_cpu_paths(monkeypatch, *, run_bytes: int | None = None, host_reads: 
     """The CPU foreach path's shortcuts: ``run_bytes`` sets the size of the cache-sized runs it
     steps tensors in; ``host_reads=False`` takes an accelerator's path (no per-tensor sums read
     back to the host)."""
-    import kintsugi_optim.functional as functional
+    from kintsugi_optim._kernels import host
 
     if run_bytes is not None:
-        monkeypatch.setattr(functional, "_CPU_RUN_BYTES", run_bytes)
+        monkeypatch.setattr(host, "_CPU_RUN_BYTES", run_bytes)
     if not host_reads:
-        monkeypatch.setattr(functional, "_cpu_eager", lambda tensors: False)
+        monkeypatch.setattr(host, "_cpu_eager", lambda tensors: False)
 
 
 def sculptor_defaults() -> dict[str, Any]:

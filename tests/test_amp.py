@@ -122,13 +122,13 @@ def test_sculptor_unscale_then_clip_equals_unscaled_clipping():
 
 def _fused_available():
     try:
-        from kintsugi_optim import _fused  # noqa: F401
+        from kintsugi_optim._kernels import fused_cpu  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _fused_available(), reason="kintsugi_optim._fused is not built here")
+@pytest.mark.skipif(not _fused_available(), reason="kintsugi_optim._kernels.fused_cpu is not built here")
 def test_fused_sculptor_takes_the_scale_into_its_kernel():
     """fused=True: GradScaler hands the step grad_scale/found_inf (no unscale_, no host sync).
     Same trajectory as the unscaled fused run, and an inf step changes nothing."""

@@ -1,8 +1,8 @@
 """The CPU foreach path's shortcuts change no result.
 
 On the CPU the foreach Sculptor steps its tensors in cache-sized runs and reads a few per-tensor
-sums back to the host to skip passes that cannot change anything (`functional._runs`,
-`functional._cpu_eager`). Both are checked here against the same step taken without them:
+sums back to the host to skip passes that cannot change anything (`_kernels.host._runs`,
+`_kernels.host._cpu_eager`). Both are checked here against the same step taken without them:
 every run of one tensor, and the path an accelerator takes (no host reads), which the CPU would
 otherwise never exercise.
 """
