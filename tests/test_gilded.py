@@ -13,59 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.optim import lr_scheduler
-from torch.optim.optimizer import Optimizer
 
 import reference
+from optim_db import GILDED_BASES, Lion
 from kintsugi_optim import Gilded, KintsugiOptimizer
 from kintsugi_optim.history import flat_gilding
 
 
-class Lion(Optimizer):
-    """A third-party-style optimizer (Chen et al. 2023): state created when ``len(state) == 0``,
-    the lazy initialisation Gilded must not disturb; ``foreach`` is read by Gilded only."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, foreach=None):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      foreach=foreach))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["exp_avg"] = torch.zeros_like(p)
-                exp_avg = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(exp_avg.lerp(p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
-                exp_avg.lerp_(p.grad, 1 - beta2)
-        return loss
-
-
-# Every torch.optim rule whose step is one gradient step (LBFGS re-evaluates the closure;
-# SparseAdam takes sparse gradients only), with options that exercise its state.
-OPTIMIZERS = {
-    "Adagrad": lambda ps, **kw: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01, **kw),
-    "RMSprop": lambda ps, **kw: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True, **kw),
-    "RAdam": lambda ps, **kw: torch.optim.RAdam(ps, lr=0.01, weight_decay=0.01, **kw),
-    "NAdam": lambda ps, **kw: torch.optim.NAdam(ps, lr=0.01, **kw),
-    "Adamax": lambda ps, **kw: torch.optim.Adamax(ps, lr=0.01, **kw),
-    "Adadelta": lambda ps, **kw: torch.optim.Adadelta(ps, lr=1.0, **kw),
-    "ASGD": lambda ps, **kw: torch.optim.ASGD(ps, lr=0.01, t0=2, **kw),
-    "Rprop": lambda ps, **kw: torch.optim.Rprop(ps, lr=0.01, **kw),
-    "SGD": lambda ps, **kw: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
-    "Adam": lambda ps, **kw: torch.optim.Adam(ps, lr=0.01, amsgrad=True, **kw),
-    "AdamW": lambda ps, **kw: torch.optim.AdamW(ps, lr=0.01, **kw),
-    "Adafactor": lambda ps, **kw: torch.optim.Adafactor(ps, lr=0.01, **kw),
-    "Lion": lambda ps, **kw: Lion(ps, lr=0.01, weight_decay=0.1, **kw),
-}
 STEPS = 4
 
 
@@ -103,11 +57,11 @@ def state_tensors(opt):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_beta0_is_the_base_bitwise(name):
     ours, theirs = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.0, pathway="element")
-    bare = OPTIMIZERS[name](theirs)
+    gilded = Gilded(GILDED_BASES[name](ours), beta=0.0, pathway="element")
+    bare = GILDED_BASES[name](theirs)
     run(gilded, ours)
     run(bare, theirs)
     assert_bitwise(ours, theirs)
@@ -117,14 +71,14 @@ def test_beta0_is_the_base_bitwise(name):
         assert torch.equal(phi, torch.ones_like(p))
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_phi_identically_one_is_the_base_bitwise(name):
     """One parameter per group on the tensor pathway with phi_norm="mean": ϕ is gilded every
     step and renormalised to exactly 1, so the rescale runs and must leave θ_base's bits."""
     ours, theirs = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name]([{"params": [p]} for p in ours]), beta=0.5,
+    gilded = Gilded(GILDED_BASES[name]([{"params": [p]} for p in ours]), beta=0.5,
                     pathway="tensor")
-    bare = OPTIMIZERS[name]([{"params": [p]} for p in theirs])
+    bare = GILDED_BASES[name]([{"params": [p]} for p in theirs])
     run(gilded, ours)
     run(bare, theirs)
     assert_bitwise(ours, theirs)
@@ -184,12 +138,12 @@ def reference_run(make_base, params, options, steps=STEPS, seed=1):
     return phis
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_matches_the_written_out_maths(name):
     ours, theirs = make_params(dtype=torch.float64), make_params(dtype=torch.float64)
-    gilded = Gilded(OPTIMIZERS[name](ours), **GILDING_OPTIONS)
+    gilded = Gilded(GILDED_BASES[name](ours), **GILDING_OPTIONS)
     run(gilded, ours)
-    ref_phis = reference_run(OPTIMIZERS[name], theirs, {})
+    ref_phis = reference_run(GILDED_BASES[name], theirs, {})
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(list(gilded.gilding()[0].values()), ref_phis, rtol=1e-10, atol=1e-12)
 
@@ -205,7 +159,7 @@ def test_matches_the_written_out_maths(name):
 @pytest.mark.parametrize("foreach", [False, True])
 def test_gilding_options_match_the_written_out_maths(options, foreach):
     ours, theirs = make_params(dtype=torch.float64), make_params(dtype=torch.float64)
-    make_base = OPTIMIZERS["Adagrad"]
+    make_base = GILDED_BASES["Adagrad"]
     gilded = Gilded(make_base(ours, foreach=foreach), **{**GILDING_OPTIONS, **options})
     run(gilded, ours)
     ref_phis = reference_run(make_base, theirs, options)
@@ -425,17 +379,17 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
     assert_bitwise(ours, theirs)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_state_dict_resume_continues_bitwise(name):
     ours, resumed = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.3, pathway="row")
+    gilded = Gilded(GILDED_BASES[name](ours), beta=0.3, pathway="row")
     run(gilded, ours, steps=3, seed=1)
     saved = copy.deepcopy(gilded.state_dict())
     assert all("phi" in s for s in saved["state"].values())
     with torch.no_grad():
         for p, q in zip(ours, resumed):
             q.copy_(p)
-    restarted = Gilded(OPTIMIZERS[name](resumed), beta=0.3, pathway="row")
+    restarted = Gilded(GILDED_BASES[name](resumed), beta=0.3, pathway="row")
     restarted.load_state_dict(saved)
     run(gilded, ours, steps=3, seed=2)
     run(restarted, resumed, steps=3, seed=2)
