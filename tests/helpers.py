@@ -1,8 +1,10 @@
 """Helpers shared by the test modules (a support module, as conftest.py and optim_db.py are).
 
-* seeded parameters and gradients (:func:`make_params`, :func:`grads_for`), a run of steps
-  (:func:`run_steps`), a small model with data (:func:`model_and_data`, :func:`train`);
-* the comparisons the parity tests make (:func:`assert_same_run`, :func:`assert_same_state_dict`);
+* seeded parameters and gradients (:func:`make_params`, :func:`grads_for`, :func:`grad_stream`),
+  a run of steps (:func:`run_steps`), a small model with data (:func:`model_and_data`,
+  :func:`train`);
+* the comparisons the parity tests make (:func:`assert_same_run`, :func:`assert_same_state_dict`,
+  :func:`assert_bitwise`);
 * skip marks (:data:`requires_cuda`, :func:`requires_torch`);
 * every reach into kintsugi_optim's internals that a test needs (the β = 0 shortcut, the fused
   kernel and its dispatch, the CPU foreach path's runs and host reads, the functional step),
@@ -39,20 +41,23 @@ SHAPES = [(6, 5), (6,), (), (3, 2, 2), (1, 7)]
 _DRAWN_AS_IS = (torch.float64, torch.complex64, torch.complex128)
 
 
-def randn(shape, *, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+def randn(shape, *, generator: torch.Generator, dtype=torch.float32, device="cpu",
+          draw=None) -> torch.Tensor:
     """``torch.randn`` in ``dtype`` for float32/float64/complex; other dtypes (bf16, fp16) get
-    float32 draws rounded, so a half tensor holds the float32 run's numbers, rounded."""
-    draw = dtype if dtype in _DRAWN_AS_IS else torch.float32
+    float32 draws rounded, so a half tensor holds the float32 run's numbers, rounded. ``draw``:
+    the dtype drawn in instead (float64: every dtype holds one float64 stream's numbers)."""
+    if draw is None:
+        draw = dtype if dtype in _DRAWN_AS_IS else torch.float32
     return torch.randn(shape, generator=generator, dtype=draw).to(device=device, dtype=dtype)
 
 
 def make_params(shapes: Sequence[tuple[int, ...]] = SHAPES, *, dtype=torch.float32, seed=0,
-                device="cpu") -> list[torch.Tensor]:
-    """Leaf tensors (``requires_grad``) of ``shapes`` drawn from one generator seeded ``seed``;
-    ``dtype`` may be a list, one per shape."""
+                device="cpu", draw=None) -> list[torch.Tensor]:
+    """Leaf tensors (``requires_grad``) of ``shapes`` drawn from one generator seeded ``seed``
+    (in ``draw``, as :func:`randn` takes it); ``dtype`` may be a list, one per shape."""
     g = torch.Generator().manual_seed(seed)
     dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
-    return [randn(s, generator=g, dtype=d, device=device).requires_grad_()
+    return [randn(s, generator=g, dtype=d, device=device, draw=draw).requires_grad_()
             for s, d in zip(shapes, dtypes, strict=True)]
 
 
@@ -70,12 +75,26 @@ def grads_for(params: Sequence[torch.Tensor], step: int, *, seed=100, scale=1.0)
 GradsFn = Callable[[Sequence[torch.Tensor], int], Sequence[torch.Tensor]]
 
 
+def grad_stream(*, seed=1, draw=torch.float64) -> GradsFn:
+    """A :data:`GradsFn` drawing from one generator seeded ``seed``, call after call (``step``
+    is not read): each call continues the stream, in ``draw`` rounded to each parameter's dtype,
+    so runs over float32, float64 and bf16 parameters see one sequence of numbers."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda params, step: [randn(p.shape, generator=g, dtype=p.dtype, device=p.device,
+                                       draw=draw) for p in params]
+
+
+def set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """Each parameter's ``.grad``: a copy of its gradient in its dtype."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.to(p.dtype).clone()
+
+
 def run_steps(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], steps: int, *,
               grads: GradsFn = grads_for, start=0) -> torch.optim.Optimizer:
     """``steps`` steps of ``opt``, each after setting ``grads(params, step)`` as the gradients."""
     for step in range(start, start + steps):
-        for p, g in zip(params, grads(params, step)):
-            p.grad = g.to(p.dtype).clone()
+        set_grads(params, grads(params, step))
         opt.step()
     return opt
 
@@ -114,6 +133,12 @@ def assert_same_run(params_a, opt_a, params_b, opt_b, *, rtol=0.0, atol=0.0, equ
             torch.testing.assert_close(value_b.to(value_a.device), value_a, rtol=rtol, atol=atol,
                                        equal_nan=equal_nan,
                                        msg=lambda m: f"param {i}: state {key!r}: {m}")
+
+
+def assert_bitwise(xs, ys) -> None:
+    """Two sequences of tensors, pair by pair, bitwise equal (dtype and shape included)."""
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        torch.testing.assert_close(y, x, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")
 
 
 def assert_same_state_dict(a: dict, b: dict) -> None:

@@ -9,6 +9,9 @@ record drives one shared suite), for :class:`~kintsugi_optim.KintsugiOptimizer`:
 * :data:`GILDINGS` — named gilding configurations (β = 0, and β > 0 over each pathway, both
   ascents and positivities, damping, tempering, bounds); :func:`gilding_product` crosses the
   gilding options themselves (docs/maths.md §2.1–2.2);
+* :data:`GILDED_BASES` — the torch optimizers (and a third-party-style :class:`Lion`) that
+  tests/test_gilded.py wraps in :class:`~kintsugi_optim.Gilded`, each built with options that
+  exercise its state;
 * :data:`IMPLS` — single-tensor, foreach, fused (the C++ CPU kernel), fused through the CUDA
   path's Triton kernels in Triton's interpreter, and the CUDA rows (skipped without a GPU), each
   with the tolerance it promises against torch at β = 0 (docs/maths.md §2.3) and what it does
@@ -32,6 +35,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import Optimizer
 
 from kintsugi_optim import KintsugiOptimizer
 from helpers import requires_cuda
@@ -176,6 +180,58 @@ GILDINGS: dict[str, Gilding] = _gildings(
     Gilding("l1", dict(l1=0.3), crossed=False),  # λ in the foreseen Σϕ'
     Gilding("capped-l1", dict(phi_max=1.05, l1=0.05), crossed=False),
 )
+
+
+# -- Gilded's base optimizers ----------------------------------------------------------------
+
+
+class Lion(Optimizer):
+    """A third-party-style optimizer (Chen et al. 2023): state created when ``len(state) == 0``,
+    the lazy initialisation Gilded must not disturb; ``foreach`` is read by Gilded only."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(exp_avg.lerp(p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
+                exp_avg.lerp_(p.grad, 1 - beta2)
+        return loss
+
+
+# name → factory(params, **more options, e.g. foreach): every torch.optim rule whose step is
+# one gradient step (LBFGS re-evaluates the closure; SparseAdam takes sparse gradients only),
+# with options that exercise its state, and Lion. Adding a base is one row.
+GILDED_BASES: dict[str, Callable[..., Optimizer]] = {
+    "Adagrad": lambda ps, **kw: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01, **kw),
+    "RMSprop": lambda ps, **kw: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True, **kw),
+    "RAdam": lambda ps, **kw: torch.optim.RAdam(ps, lr=0.01, weight_decay=0.01, **kw),
+    "NAdam": lambda ps, **kw: torch.optim.NAdam(ps, lr=0.01, **kw),
+    "Adamax": lambda ps, **kw: torch.optim.Adamax(ps, lr=0.01, **kw),
+    "Adadelta": lambda ps, **kw: torch.optim.Adadelta(ps, lr=1.0, **kw),
+    "ASGD": lambda ps, **kw: torch.optim.ASGD(ps, lr=0.01, t0=2, **kw),
+    "Rprop": lambda ps, **kw: torch.optim.Rprop(ps, lr=0.01, **kw),
+    "SGD": lambda ps, **kw: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
+    "Adam": lambda ps, **kw: torch.optim.Adam(ps, lr=0.01, amsgrad=True, **kw),
+    "AdamW": lambda ps, **kw: torch.optim.AdamW(ps, lr=0.01, **kw),
+    "Adafactor": lambda ps, **kw: torch.optim.Adafactor(ps, lr=0.01, **kw),
+    "Lion": lambda ps, **kw: Lion(ps, lr=0.01, weight_decay=0.1, **kw),
+}
 
 
 # -- implementations -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ and a small third-party-style one; schedulers, clipping, hooks, GradScaler, resu
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import pickle
 
@@ -13,89 +14,21 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.optim import lr_scheduler
-from torch.optim.optimizer import Optimizer
 
 import reference
+from helpers import (assert_bitwise, assert_same_run, grad_stream, make_params, run_steps,
+                     set_grads)
+from optim_db import GILDED_BASES, Lion
 from kintsugi_optim import Gilded, KintsugiOptimizer
 from kintsugi_optim.history import flat_gilding
 
 
-class Lion(Optimizer):
-    """A third-party-style optimizer (Chen et al. 2023): state created when ``len(state) == 0``,
-    the lazy initialisation Gilded must not disturb; ``foreach`` is read by Gilded only."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, foreach=None):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      foreach=foreach))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["exp_avg"] = torch.zeros_like(p)
-                exp_avg = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(exp_avg.lerp(p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
-                exp_avg.lerp_(p.grad, 1 - beta2)
-        return loss
-
-
-# Every torch.optim rule whose step is one gradient step (LBFGS re-evaluates the closure;
-# SparseAdam takes sparse gradients only), with options that exercise its state.
-OPTIMIZERS = {
-    "Adagrad": lambda ps, **kw: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01, **kw),
-    "RMSprop": lambda ps, **kw: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True, **kw),
-    "RAdam": lambda ps, **kw: torch.optim.RAdam(ps, lr=0.01, weight_decay=0.01, **kw),
-    "NAdam": lambda ps, **kw: torch.optim.NAdam(ps, lr=0.01, **kw),
-    "Adamax": lambda ps, **kw: torch.optim.Adamax(ps, lr=0.01, **kw),
-    "Adadelta": lambda ps, **kw: torch.optim.Adadelta(ps, lr=1.0, **kw),
-    "ASGD": lambda ps, **kw: torch.optim.ASGD(ps, lr=0.01, t0=2, **kw),
-    "Rprop": lambda ps, **kw: torch.optim.Rprop(ps, lr=0.01, **kw),
-    "SGD": lambda ps, **kw: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, **kw),
-    "Adam": lambda ps, **kw: torch.optim.Adam(ps, lr=0.01, amsgrad=True, **kw),
-    "AdamW": lambda ps, **kw: torch.optim.AdamW(ps, lr=0.01, **kw),
-    "Adafactor": lambda ps, **kw: torch.optim.Adafactor(ps, lr=0.01, **kw),
-    "Lion": lambda ps, **kw: Lion(ps, lr=0.01, weight_decay=0.1, **kw),
-}
 STEPS = 4
 
 
-def make_params(seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(5, 4), (5,), (3, 2, 2)]
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-            for s in shapes]
-
-
-def set_grads(params, g):
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-
-
-def run(opt, params, steps=STEPS, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        set_grads(params, g)
-        opt.step()
-
-
-def assert_bitwise(xs, ys):
-    for x, y in zip(xs, ys, strict=True):
-        assert torch.equal(x, y), (x - y).abs().max()
-
-
-def state_tensors(opt):
-    return [v for s in opt.state_dict()["state"].values() for v in s.values()
-            if isinstance(v, torch.Tensor)]
+# Three shapes drawn as one float64 stream (gradients too: helpers.grad_stream), so runs over
+# float64, float32 and bf16 parameters hold the same numbers, rounded.
+new_params = functools.partial(make_params, [(5, 4), (5,), (3, 2, 2)], draw=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,39 +36,38 @@ def state_tensors(opt):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_beta0_is_the_base_bitwise(name):
-    ours, theirs = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.0, pathway="element")
-    bare = OPTIMIZERS[name](theirs)
-    run(gilded, ours)
-    run(bare, theirs)
-    assert_bitwise(ours, theirs)
-    assert_bitwise(state_tensors(gilded), state_tensors(bare))
+    ours, theirs = new_params(), new_params()
+    gilded = Gilded(GILDED_BASES[name](ours), beta=0.0, pathway="element")
+    bare = GILDED_BASES[name](theirs)
+    run_steps(gilded, ours, STEPS, grads=grad_stream())
+    run_steps(bare, theirs, STEPS, grads=grad_stream())
+    assert_same_run(ours, gilded, theirs, bare)
     assert all("phi" not in s for s in gilded.state.values())
     for p, phi in zip(ours, gilded.gilding()[0].values()):
         assert torch.equal(phi, torch.ones_like(p))
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_phi_identically_one_is_the_base_bitwise(name):
     """One parameter per group on the tensor pathway with phi_norm="mean": ϕ is gilded every
     step and renormalised to exactly 1, so the rescale runs and must leave θ_base's bits."""
-    ours, theirs = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name]([{"params": [p]} for p in ours]), beta=0.5,
+    ours, theirs = new_params(), new_params()
+    gilded = Gilded(GILDED_BASES[name]([{"params": [p]} for p in ours]), beta=0.5,
                     pathway="tensor")
-    bare = OPTIMIZERS[name]([{"params": [p]} for p in theirs])
-    run(gilded, ours)
-    run(bare, theirs)
+    bare = GILDED_BASES[name]([{"params": [p]} for p in theirs])
+    run_steps(gilded, ours, STEPS, grads=grad_stream())
+    run_steps(bare, theirs, STEPS, grads=grad_stream())
     assert_bitwise(ours, theirs)
     assert all(torch.equal(s["phi"], torch.tensor(1.0)) for s in gilded.state.values())
 
 
 def test_first_step_at_phi_init_one_is_the_base_bitwise():
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     gilded = Gilded(torch.optim.Adagrad(ours, lr=0.1), beta=0.5)
-    run(gilded, ours, steps=1)
-    run(torch.optim.Adagrad(theirs, lr=0.1), theirs, steps=1)
+    run_steps(gilded, ours, 1, grads=grad_stream())
+    run_steps(torch.optim.Adagrad(theirs, lr=0.1), theirs, 1, grads=grad_stream())
     assert_bitwise(ours, theirs)
     assert not all(torch.equal(s["phi"], torch.ones_like(s["phi"])) for s in gilded.state.values())
 
@@ -160,9 +92,9 @@ def reference_run(make_base, params, options, steps=STEPS, seed=1):
     base = make_base(params)
     phis = [torch.full(reference.fracture(p.detach(), o["pathway"]).shape, o["phi_init"],
                        dtype=torch.float64) for p in params]
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        set_grads(params, g)
+    grads = grad_stream(seed=seed)
+    for step in range(steps):
+        set_grads(params, grads(params, step))
         fractures = [reference.fracture(p.grad.double(), o["pathway"]) for p in params]
         theta0 = [p.detach().double().clone() for p in params]
         base.step()
@@ -184,12 +116,12 @@ def reference_run(make_base, params, options, steps=STEPS, seed=1):
     return phis
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_matches_the_written_out_maths(name):
-    ours, theirs = make_params(dtype=torch.float64), make_params(dtype=torch.float64)
-    gilded = Gilded(OPTIMIZERS[name](ours), **GILDING_OPTIONS)
-    run(gilded, ours)
-    ref_phis = reference_run(OPTIMIZERS[name], theirs, {})
+    ours, theirs = new_params(dtype=torch.float64), new_params(dtype=torch.float64)
+    gilded = Gilded(GILDED_BASES[name](ours), **GILDING_OPTIONS)
+    run_steps(gilded, ours, STEPS, grads=grad_stream())
+    ref_phis = reference_run(GILDED_BASES[name], theirs, {})
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(list(gilded.gilding()[0].values()), ref_phis, rtol=1e-10, atol=1e-12)
 
@@ -204,10 +136,10 @@ def test_matches_the_written_out_maths(name):
 ], ids=str)
 @pytest.mark.parametrize("foreach", [False, True])
 def test_gilding_options_match_the_written_out_maths(options, foreach):
-    ours, theirs = make_params(dtype=torch.float64), make_params(dtype=torch.float64)
-    make_base = OPTIMIZERS["Adagrad"]
+    ours, theirs = new_params(dtype=torch.float64), new_params(dtype=torch.float64)
+    make_base = GILDED_BASES["Adagrad"]
     gilded = Gilded(make_base(ours, foreach=foreach), **{**GILDING_OPTIONS, **options})
-    run(gilded, ours)
+    run_steps(gilded, ours, STEPS, grads=grad_stream())
     ref_phis = reference_run(make_base, theirs, options)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(list(gilded.gilding()[0].values()), ref_phis, rtol=1e-10, atol=1e-12)
@@ -216,11 +148,11 @@ def test_gilding_options_match_the_written_out_maths(options, foreach):
 def test_foreach_rescale_gives_the_single_tensor_bits():
     """The base's foreach flag picks Gilded's implementation; the rescale is the same
     arithmetic either way (ϕ's gilding is compared to rounding)."""
-    a, b = make_params(), make_params()
+    a, b = new_params(), new_params()
     single = Gilded(Lion(a, lr=0.01, foreach=False), beta=0.3, phi_norm=None, fracture="abs")
     multi = Gilded(Lion(b, lr=0.01, foreach=True), beta=0.3, phi_norm=None, fracture="abs")
-    run(single, a)
-    run(multi, b)
+    run_steps(single, a, STEPS, grads=grad_stream())
+    run_steps(multi, b, STEPS, grads=grad_stream())
     assert_bitwise(a, b)
     torch.testing.assert_close(list(single.gilding()[0].values()),
                                list(multi.gilding()[0].values()))
@@ -235,13 +167,13 @@ def test_foreach_rescale_gives_the_single_tensor_bits():
 def test_agrees_with_the_sculptor(pathway, base, options):
     """Where both apply, Gilded(torch's SGD/Adam) and KintsugiOptimizer take the same steps:
     θ_base − θ₀ is −lr·d, so θ₀ + ϕ·(θ_base − θ₀) is the Sculptor's θ − lr·ϕ·d."""
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[base]
     gilded = Gilded(torch_cls(ours, lr=0.05, **options), beta=0.2, pathway=pathway)
     sculptor = KintsugiOptimizer(theirs, lr=0.05, base=base, beta=0.2, pathway=pathway,
                                  foreach=False, **options)
-    run(gilded, ours, steps=8)
-    run(sculptor, theirs, steps=8)
+    run_steps(gilded, ours, 8, grads=grad_stream())
+    run_steps(sculptor, theirs, 8, grads=grad_stream())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gilded.gilding(), sculptor.gilding(), rtol=1e-5, atol=1e-6)
 
@@ -262,9 +194,9 @@ def test_complex_parameters_step_as_their_real_view():
 
 
 def test_bf16_parameters_keep_a_float32_phi():
-    ours = make_params(dtype=torch.bfloat16)
+    ours = new_params(dtype=torch.bfloat16)
     gilded = Gilded(torch.optim.RMSprop(ours, lr=0.01), beta=0.3)
-    run(gilded, ours)
+    run_steps(gilded, ours, STEPS, grads=grad_stream())
     phis = list(gilded.gilding()[0].values())
     assert all(phi.dtype == torch.float32 for phi in phis)
     assert all(p.dtype == torch.bfloat16 for p in ours)
@@ -290,7 +222,7 @@ def test_phi_stays_finite_and_positive_whatever_the_gradient(values):
 
 
 def test_shares_groups_and_state_with_the_base():
-    params = make_params()
+    params = new_params()
     base = torch.optim.NAdam(params, lr=0.01)
     gilded = Gilded(base)
     assert gilded.param_groups is base.param_groups and gilded.state is base.state
@@ -299,7 +231,7 @@ def test_shares_groups_and_state_with_the_base():
 
 
 def test_add_param_group_fills_the_base_and_gilding_defaults():
-    base = torch.optim.SGD(make_params()[:1], lr=0.1)
+    base = torch.optim.SGD(new_params()[:1], lr=0.1)
     gilded = Gilded(base, beta=0.2)
     extra = torch.zeros(3, requires_grad=True)
     gilded.add_param_group({"params": [extra], "pathway": "tensor"})
@@ -318,16 +250,16 @@ def test_add_param_group_fills_the_base_and_gilding_defaults():
 def test_lr_schedulers_drive_the_base(make_scheduler, recwarn):
     """The schedule reaches the base through the shared groups (OneCycleLR also cycles Adam's
     betas, found in Gilded.defaults): the same trajectory as the lr and betas set by hand."""
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     scheduled = Gilded(torch.optim.Adam(ours, lr=0.01), beta=0.3)
     by_hand = Gilded(torch.optim.Adam(theirs, lr=0.01), beta=0.3)
     scheduler = make_scheduler(scheduled)
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
+    ours_grads, their_grads = grad_stream(), grad_stream()
+    for step in range(STEPS):
         by_hand.param_groups[0]["lr"] = scheduled.param_groups[0]["lr"]
         by_hand.param_groups[0]["betas"] = scheduled.param_groups[0]["betas"]
-        set_grads(ours, g1)
-        set_grads(theirs, g2)
+        set_grads(ours, ours_grads(ours, step))
+        set_grads(theirs, their_grads(theirs, step))
         scheduled.step()
         by_hand.step()
         scheduler.step()
@@ -336,11 +268,10 @@ def test_lr_schedulers_drive_the_base(make_scheduler, recwarn):
 
 
 def test_clipping_zero_grad_and_missing_grads():
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     gilded = Gilded(torch.optim.Adamax(ours, lr=0.01), beta=0.3)
     twin = Gilded(torch.optim.Adamax(theirs, lr=0.01), beta=0.3)
-    g = torch.Generator().manual_seed(3)
-    set_grads(ours, g)
+    set_grads(ours, grad_stream(seed=3)(ours, 0))
     for p, q in zip(ours, theirs):
         q.grad = p.grad.clone()
     norm = torch.nn.utils.clip_grad_norm_(ours, max_norm=0.5)
@@ -359,7 +290,7 @@ def test_clipping_zero_grad_and_missing_grads():
 
 
 def test_closure_is_evaluated_once_and_its_loss_returned():
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     gilded = Gilded(torch.optim.RAdam(ours, lr=0.01), beta=0.3)
     twin = Gilded(torch.optim.RAdam(theirs, lr=0.01), beta=0.3)
     calls = []
@@ -383,7 +314,7 @@ def test_closure_is_evaluated_once_and_its_loss_returned():
 
 
 def test_hooks_run_once_on_the_gilded_optimizer():
-    params = make_params()
+    params = new_params()
     base = torch.optim.Rprop(params, lr=0.01)
     gilded = Gilded(base, beta=0.3)
     calls = []
@@ -392,7 +323,7 @@ def test_hooks_run_once_on_the_gilded_optimizer():
     base.register_step_post_hook(lambda opt, args, kwargs: calls.append(("base", opt)))
     gilded.register_state_dict_post_hook(lambda opt, sd: {**sd, "tag": 1})
     gilded.register_load_state_dict_post_hook(lambda opt: calls.append(("loaded", opt)))
-    run(gilded, params, steps=1)
+    run_steps(gilded, params, 1, grads=grad_stream())
     assert calls == [("pre", gilded), ("base", base), ("post", gilded)]
     state_dict = gilded.state_dict()
     assert state_dict["tag"] == 1
@@ -401,12 +332,12 @@ def test_hooks_run_once_on_the_gilded_optimizer():
 
 
 def test_grad_scaler_unscales_and_skips_inf_steps():
-    ours, theirs = make_params(), make_params()
+    ours, theirs = new_params(), new_params()
     gilded = Gilded(torch.optim.Adagrad(ours, lr=0.1), beta=0.3)
     twin = Gilded(torch.optim.Adagrad(theirs, lr=0.1), beta=0.3)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    run(gilded, ours, steps=1)
-    run(twin, theirs, steps=1)
+    run_steps(gilded, ours, 1, grads=grad_stream())
+    run_steps(twin, theirs, 1, grads=grad_stream())
     phis = [phi.clone() for phi in gilded.gilding()[0].values()]
     thetas = [p.detach().clone() for p in ours]
     scaler.scale(torch.tensor(1.0))  # sets the scale, as scaling the loss does
@@ -416,8 +347,7 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
     scaler.update()
     assert_bitwise(ours, thetas)
     assert_bitwise(gilded.gilding()[0].values(), phis)
-    g = torch.Generator().manual_seed(7)
-    set_grads(theirs, g)
+    set_grads(theirs, grad_stream(seed=7)(theirs, 0))
     for p, q in zip(ours, theirs):
         p.grad = q.grad * scaler.get_scale()  # a power of two: unscaling is exact
     scaler.step(gilded)
@@ -425,44 +355,43 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
     assert_bitwise(ours, theirs)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(GILDED_BASES))
 def test_state_dict_resume_continues_bitwise(name):
-    ours, resumed = make_params(), make_params()
-    gilded = Gilded(OPTIMIZERS[name](ours), beta=0.3, pathway="row")
-    run(gilded, ours, steps=3, seed=1)
+    ours, resumed = new_params(), new_params()
+    gilded = Gilded(GILDED_BASES[name](ours), beta=0.3, pathway="row")
+    run_steps(gilded, ours, 3, grads=grad_stream())
     saved = copy.deepcopy(gilded.state_dict())
     assert all("phi" in s for s in saved["state"].values())
     with torch.no_grad():
         for p, q in zip(ours, resumed):
             q.copy_(p)
-    restarted = Gilded(OPTIMIZERS[name](resumed), beta=0.3, pathway="row")
+    restarted = Gilded(GILDED_BASES[name](resumed), beta=0.3, pathway="row")
     restarted.load_state_dict(saved)
-    run(gilded, ours, steps=3, seed=2)
-    run(restarted, resumed, steps=3, seed=2)
-    assert_bitwise(ours, resumed)
-    assert_bitwise(state_tensors(gilded), state_tensors(restarted))
+    run_steps(gilded, ours, 3, grads=grad_stream(seed=2))
+    run_steps(restarted, resumed, 3, grads=grad_stream(seed=2))
+    assert_same_run(ours, gilded, resumed, restarted)
 
 
 def test_resume_keeps_a_float32_phi_for_bf16_parameters_and_loads_a_bare_base_state():
-    ours = make_params(dtype=torch.bfloat16)
+    ours = new_params(dtype=torch.bfloat16)
     gilded = Gilded(torch.optim.Adam(ours, lr=0.01), beta=0.3)
-    run(gilded, ours, steps=2)
+    run_steps(gilded, ours, 2, grads=grad_stream())
     saved = copy.deepcopy(gilded.state_dict())
-    restarted = Gilded(torch.optim.Adam(make_params(dtype=torch.bfloat16), lr=0.01), beta=0.3)
+    restarted = Gilded(torch.optim.Adam(new_params(dtype=torch.bfloat16), lr=0.01), beta=0.3)
     restarted.load_state_dict(saved)
     for a, b in zip(gilded.gilding()[0].values(), restarted.gilding()[0].values()):
         assert b.dtype == torch.float32 and torch.equal(a, b)
-    bare = torch.optim.Adam(make_params(), lr=0.01)
-    run(bare, bare.param_groups[0]["params"], steps=1)
-    fresh = Gilded(torch.optim.Adam(make_params(), lr=0.01), beta=0.3, pathway="row")
+    bare = torch.optim.Adam(new_params(), lr=0.01)
+    run_steps(bare, bare.param_groups[0]["params"], 1, grads=grad_stream())
+    fresh = Gilded(torch.optim.Adam(new_params(), lr=0.01), beta=0.3, pathway="row")
     fresh.load_state_dict(bare.state_dict())
     assert fresh.param_groups[0]["pathway"] == "row"  # the gilding options are back-filled
 
 
 def test_deepcopy_and_pickle_keep_the_link_to_the_base():
-    params = make_params()
+    params = new_params()
     gilded = Gilded(torch.optim.Adam(params, lr=0.01), beta=0.3)
-    run(gilded, params, steps=2)
+    run_steps(gilded, params, 2, grads=grad_stream())
     for other in (copy.deepcopy(gilded), pickle.loads(pickle.dumps(gilded))):
         assert other.param_groups is other.base_optimizer.param_groups
         assert other.param_groups[0]["beta"] == 0.3
@@ -508,7 +437,7 @@ def test_gilding_is_keyed_like_the_sculptor():
     (dict(ascent="multiplicative", positivity="softplus"), "Invalid positivity: 'softplus'"),
 ])
 def test_bad_options_raise_naming_the_argument(kwargs, match):
-    params = make_params()
+    params = new_params()
     base = torch.optim.Adagrad(params, lr=0.1)
     groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
                             for g in base.param_groups])
@@ -529,7 +458,7 @@ def test_bad_options_raise_naming_the_argument(kwargs, match):
 ])
 def test_bad_base_optimizers_are_refused(make_base, match):
     with pytest.raises(ValueError, match=match):
-        Gilded(make_base(make_params()))
+        Gilded(make_base(new_params()))
 
 
 def test_sparse_gradients_are_refused_before_anything_changes():
@@ -559,12 +488,12 @@ def test_sparse_gradients_pass_through_where_beta_is_zero():
 
 
 def test_a_phi_that_does_not_fit_the_pathway_is_refused_on_load():
-    params = make_params()
+    params = new_params()
     gilded = Gilded(torch.optim.Adam(params, lr=0.01), beta=0.3, pathway="row")
-    run(gilded, params, steps=1)
+    run_steps(gilded, params, 1, grads=grad_stream())
     saved = copy.deepcopy(gilded.state_dict())
     saved["state"][0]["phi"] = torch.ones(7)
-    other = Gilded(torch.optim.Adam(make_params(), lr=0.01), beta=0.3, pathway="row")
+    other = Gilded(torch.optim.Adam(new_params(), lr=0.01), beta=0.3, pathway="row")
     with pytest.raises(ValueError, match=r"Invalid phi for parameter .*shape \(7,\)"):
         other.load_state_dict(saved)
     assert len(other.state) == 0
