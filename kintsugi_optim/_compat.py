@@ -55,6 +55,10 @@ from torch._compile import _disable_dynamo  # noqa: E402
 # fused=True: whether an expanded gradient's elements alias each other (torch >= 1.0).
 from torch import _debug_has_internal_overlap  # noqa: E402
 
+# VWPR's ϕ buffers follow module.to() in place where the tensor kinds allow it, as nn.Module's
+# own _apply decides for parameters (torch >= 1.0).
+from torch import _has_compatible_shallow_copy_type  # noqa: E402
+
 # One foreach call per device and dtype, grouped the way torch's optimizers group them
 # (a private static method of Optimizer; torch >= 2.0).
 _group_tensors_by_device_and_dtype = Optimizer._group_tensors_by_device_and_dtype
@@ -81,6 +85,7 @@ __all__ = [
     "_get_value",
     "_graph_capture_health_check",
     "_group_tensors_by_device_and_dtype",
+    "_has_compatible_shallow_copy_type",
     "_stack_if_compiling",
     "_to_scalar",
     "_unflatten_dense_tensors",

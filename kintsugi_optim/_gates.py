@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kintsugi_optim._compat import _has_compatible_shallow_copy_type
 from kintsugi_optim._validation import require
 from kintsugi_optim.pathways import phi_dtype
 
@@ -148,7 +149,7 @@ class GildingWeights(nn.Module):
             for key, phi in list(self._buffers.items()):
                 converted = fn(phi)
                 converted = converted.to(phi_dtype(converted))
-                if torch._has_compatible_shallow_copy_type(phi, converted):
+                if _has_compatible_shallow_copy_type(phi, converted):
                     phi.data = converted
                     if phi.grad is not None:
                         phi.grad = fn(phi.grad).to(phi.dtype)
