@@ -91,7 +91,14 @@ RULES: dict[str, Rule] = {}
 
 
 def register_rule(rule: Rule) -> Rule:
-    """Add ``rule`` to :data:`RULES` (and so to ``base``'s choices)."""
+    """Add ``rule`` to :data:`RULES` (and so to ``base``'s choices). An option another rule
+    already declares must keep its default: a param group holds one value per name."""
+    for other in RULES.values():
+        for name, default in rule.options.items():
+            if other.name != rule.name and other.options.get(name, default) != default:
+                raise ValueError(
+                    f"Invalid rule {rule.name!r}: option {name!r} defaults to {default!r}, but "
+                    f"rule {other.name!r} declares it with {other.options[name]!r}")
     RULES[rule.name] = rule
     return rule
 

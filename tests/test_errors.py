@@ -63,3 +63,20 @@ def test_changing_pathway_after_phi_exists_raises_naming_it():
     opt.param_groups[0]["pathway"] = "row"
     with pytest.raises(ValueError, match=r"Invalid pathway: 'row'.*\(4, 3\)"):
         opt.step()
+
+
+def test_a_rule_that_redefines_an_options_default_is_refused():
+    from dataclasses import replace
+
+    from kintsugi_optim.rules import RULES, register_rule
+
+    before = dict(RULES)
+    clash = replace(RULES["adam"], name="adam_eps", options={**RULES["adam"].options, "eps": 1e-6})
+    with pytest.raises(ValueError, match=r"Invalid rule 'adam_eps': option 'eps' defaults to 1e-06"):
+        register_rule(clash)
+    assert RULES == before
+    try:  # the same defaults under another name are fine, as AdamW shares Adam's
+        register_rule(replace(RULES["adam"], name="adam_again"))
+        assert RULES["adam_again"].options == RULES["adam"].options
+    finally:
+        RULES.pop("adam_again", None)
