@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -219,12 +219,6 @@ def _torch_adam_step(lists: StepLists, o: SculptOptions, *, decoupled: bool = Fa
 # The rows
 # ---------------------------------------------------------------------------------------------
 
-_ADAM_OPTIONS = dict(betas=(0.9, 0.999), eps=1e-8, amsgrad=False)
-_ADAM_CHECKS = dict(betas=_check_betas, eps=_check_nonnegative("eps"),
-                    amsgrad=_check_flag("amsgrad"))
-_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_ADAM_LISTS = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
-
 
 def _sgd_gilding_rate(group: Group) -> float:
     # Plain SGD's step is its gradient, so a ϕ that rises with a row's relative |g| only makes
@@ -254,31 +248,27 @@ SGD = register_rule(Rule(
 
 ADAM = register_rule(Rule(
     name="adam",
-    options=_ADAM_OPTIONS,
-    checks=_ADAM_CHECKS,
-    state_keys=_ADAM_STATE,
+    options=dict(betas=(0.9, 0.999), eps=1e-8, amsgrad=False),
+    checks=dict(betas=_check_betas, eps=_check_nonnegative("eps"),
+                amsgrad=_check_flag("amsgrad")),
+    state_keys=("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     gather=_gather_adam,
     single_tensor=_single.adam_direction,
     foreach=_foreach.adam_direction,
-    foreach_state=_ADAM_LISTS,
+    foreach_state=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
     foreach_check=_foreach.adam_check,
     torch_step=_torch_adam_step,
     scheduled=("betas",),
 ))
 
-ADAMW = register_rule(Rule(
+# AdamW is Adam with decoupled weight decay (θ ← θ·(1 − lr·wd), not scaled by ϕ).
+ADAMW = register_rule(replace(
+    ADAM,
     name="adamw",
-    options=_ADAM_OPTIONS,
-    checks=_ADAM_CHECKS,
-    state_keys=_ADAM_STATE,
-    gather=_gather_adam,
     single_tensor=functools.partial(_single.adam_direction, decoupled=True),
     foreach=functools.partial(_foreach.adam_direction, decoupled=True),
-    foreach_state=_ADAM_LISTS,
-    foreach_check=_foreach.adam_check,
     torch_step=functools.partial(_torch_adam_step, decoupled=True),
     weight_decay=1e-2,
-    scheduled=("betas",),
 ))
 
 BASES = tuple(RULES)
