@@ -141,15 +141,17 @@ def test_beta_zero_still_scales_by_a_phi_that_is_not_one(case, monkeypatch):
 
 
 def test_beta_zero_shortcut_notices_a_phi_edited_in_place(monkeypatch):
+    gilding_machinery_at_beta_zero(monkeypatch, on=False)  # the shortcut is what is tested here
     g = torch.Generator().manual_seed(3)
     p = torch.randn(4, 4, generator=g, requires_grad=True)
     q = p.detach().clone().requires_grad_()
     opt = KintsugiOptimizer([p], lr=0.1, base="sgd", beta=0.0)
     torch_sgd = torch.optim.SGD([q], lr=0.1)
     grad = torch.randn(4, 4, generator=g)
-    p.grad, q.grad = grad.clone(), grad.clone()
-    opt.step()  # ϕ ≡ 1 is seen and remembered
-    torch_sgd.step()
+    for _ in range(2):  # ϕ ≡ 1 is seen and remembered (the second step reuses its lists)
+        p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_sgd.step()
     assert torch.equal(p, q)
     opt.state[p]["phi"][0].fill_(3.0)
     before = p.detach().clone()
