@@ -114,13 +114,15 @@ def _plain_number_(group: dict[str, Any], key: str) -> None:
 
 def _plain_numbers_(group: dict[str, Any]) -> None:
     """numpy and Fraction hyperparameters become Python floats in place (the kernels and
-    ``_foreach_`` ops take Python numbers and tensors only); None weight_decay is the rule's
-    default, as in the constructor."""
+    ``_foreach_`` ops take Python numbers and tensors only); None weight_decay or beta is the
+    rule's default, as in the constructor."""
     for key in group:
         if key != "params":
             _plain_number_(group, key)
     if group.get("weight_decay") is None:
         group["weight_decay"] = _resolved_weight_decay(group)
+    if "beta" in group and group["beta"] is None:
+        group["beta"] = _default_beta(group)
 
 
 class _CheckedGroup:

@@ -168,12 +168,11 @@ class KintsugiOptimizer(Optimizer):
         # leaves a half-added group behind.
         other_rule_options = getattr(self, "_other_rule_options", {})
         candidate = {**other_rule_options, **self.defaults, **param_group}
-        _plain_numbers_(candidate)
-        # beta=None in a group is its rule's default, as weight_decay=None is.
-        by_rule = (param_group.get("beta", 0.0) is None
-                   or getattr(self, "_beta_by_rule", False) and "beta" not in param_group)
+        # A constructor given no β leaves it to each group's rule (None: the rule's default).
+        by_rule = getattr(self, "_beta_by_rule", False) and "beta" not in param_group
         if by_rule:
-            candidate["beta"] = _default_beta(candidate)
+            candidate["beta"] = None
+        _plain_numbers_(candidate)
         _validate_group(candidate)
         if by_rule:
             param_group["beta"] = candidate["beta"]

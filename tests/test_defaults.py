@@ -91,6 +91,10 @@ def test_each_groups_rule_decides_beta_unless_one_is_given():
     named = KintsugiOptimizer([{"params": [a], "beta": None},
                                {"params": [b], "beta": None, "momentum": 0.9}], base="sgd", beta=0.5)
     assert [g["beta"] for g in named.param_groups] == [0.0, 0.01]
+    named.param_groups[1]["beta"] = None  # an edit mid-training is resolved at the next step
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    named.step()
+    assert named.param_groups[1]["beta"] == 0.01
 
 
 @settings(max_examples=40, deadline=None)
