@@ -39,7 +39,7 @@ from kintsugi_optim.options import (
     SculptOptions,
 )
 from kintsugi_optim.pathways import new_phi, phi_dtype, phi_shape
-from kintsugi_optim.rules import RULES
+from kintsugi_optim.rules import BASES, RULES
 
 __all__ = [
     "ASCENTS", "BASES", "FRACTURES", "PATHWAYS", "PHI_NORMS", "POSITIVITIES",
@@ -47,8 +47,6 @@ __all__ = [
     "gilder_step", "new_phi", "phi_dtype", "phi_shape", "relative_fracture_", "resolve_impl",
     "sculpt", "sculpt_group", "softplus_inverse", "torch_step",
 ]
-
-BASES = tuple(RULES)  # the rules registered at import; RULES itself is the live registry
 
 
 def torch_step(

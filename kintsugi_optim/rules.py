@@ -271,4 +271,4 @@ ADAMW = register_rule(replace(
     weight_decay=1e-2,
 ))
 
-BASES = tuple(RULES)
+BASES = tuple(RULES)  # the rules registered at import; RULES itself is the live registry
