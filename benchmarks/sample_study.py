@@ -28,11 +28,60 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from kintsugi_optim.demo import make_model, make_task
+from kintsugi_optim.demo import make_model
+from kintsugi_optim.demo import make_task as make_demo_task
+from kintsugi_optim.demo.tasks import Task
 
 torch.set_num_threads(1)
 STEPS, BATCH, LR = 400, 256, 3e-3
+OPTIMIZER = "adam"  # or "sgd": momentum 0.9, lr 0.05, the demo's SGD (a check beyond Adam)
 LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Check tasks beyond the demo's three: does a rule hold where the demo's tasks do not reach?
+# --------------------------------------------------------------------------------------------
+
+
+def _noisy_spurious(seed: int) -> Task:
+    """The demo's spurious task with 10 % of the training labels flipped at random: the firing
+    run's errors now include examples no model should fit."""
+    task = make_demo_task("spurious", seed)
+    x, y, g = task.train
+    flip = torch.rand(y.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.1
+    task.train = (x, torch.where(flip, 1 - y, y), g)
+    task.name = "noisy"
+    return task
+
+
+def _clean(seed: int, n_train: int = 8000, n_test: int = 20000, noise: float = 0.05) -> Task:
+    """Nothing to find: four balanced Gaussian classes and 5 % of the training labels drawn
+    at random (``noise``). A label-free reweighting can only lose here; the target is the worst
+    class's accuracy, "majority" the overall accuracy."""
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    centres = 1.2 * torch.randn(4, 16, generator=gen)
+
+    def sample(n, noise):
+        y = torch.randint(0, 4, (n,), generator=gen)
+        x = centres[y] + torch.randn(n, 16, generator=gen)
+        flip = torch.rand(n, generator=gen) < noise
+        y = torch.where(flip, torch.randint(0, 4, (n,), generator=gen), y)
+        return x, y, y.clone()
+
+    return Task("clean", "Nothing to find", sample(n_train, noise), sample(n_test, 0.0),
+                num_classes=4, num_groups=4, group_names=[f"y{c}" for c in range(4)])
+
+
+CHECK_TASKS = {"noisy": _noisy_spurious, "clean": _clean,
+               "clean0": lambda seed: _clean(seed, noise=0.0)}
+
+
+def make_task(name: str, seed: int) -> Task:
+    if name not in CHECK_TASKS:
+        return make_demo_task(name, seed)
+    task = CHECK_TASKS[name](seed)
+    task.name = name.rstrip("0")  # clean0 is evaluated as clean
+    return task
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +99,8 @@ class Models:
         for layer in (net[0], net[2], net[4]):
             self.params.append(layer.weight.detach().t().unsqueeze(0).repeat(K, 1, 1).requires_grad_())
             self.params.append(layer.bias.detach().unsqueeze(0).repeat(K, 1).unsqueeze(1).requires_grad_())
-        self.opt = torch.optim.Adam(self.params, lr=LR)
+        self.opt = (torch.optim.Adam(self.params, lr=LR) if OPTIMIZER == "adam" else
+                    torch.optim.SGD(self.params, lr=0.05, momentum=0.9))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [K, b, D] -> logits [K, b, C]
         w1, b1, w2, b2, w3, b3 = self.params
@@ -85,6 +135,7 @@ class Config:
     accumulate: str = "mean"  # refire: mean over visits (mean1: after the first epoch), last, ema
     upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
     persist: str = "rate"  # refire: e = the error rate, its square, or 1 when wrong in most visits
+    firing_loss: str = "ce"  # refire / jtt: the firing run's loss, cross-entropy or GCE (q = 0.7)
     state: dict = field(default_factory=dict)
 
 
@@ -148,8 +199,10 @@ def evaluate(pred: torch.Tensor, task) -> list[dict]:
             m["majority"] = correct[y == 0].mean().item()
         else:
             m["target"] = m["worst_group"]
-            if task.name == "spurious":  # groups 2y+a: the cue agrees when a == y
+            if task.name in ("spurious", "noisy"):  # groups 2y+a: the cue agrees when a == y
                 agree = (g == 0) | (g == 3)
+            elif task.name == "clean":  # no minority: the overall accuracy
+                agree = torch.ones_like(correct, dtype=torch.bool)
             else:  # hidden: 2y + atypical
                 agree = g % 2 == 0
             m["majority"] = correct[agree].mean().item()
@@ -216,9 +269,22 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
     return evaluate(models.predict(task.test[0]), task)
 
 
-def firing_run(task, seed: int, fractions: list[float], refires: list[Config]):
-    """ERM for max(fractions)·STEPS steps; per fraction, the JTT error set of the snapshot and
-    each re-fire config's crack memory (accumulated during the run, as the criterion does)."""
+GCE_Q = 0.7  # Zhang & Sabuncu (2018), as Learning from Failure's biased model uses it
+
+
+def firing_loss(losses: torch.Tensor, kind: str) -> torch.Tensor:
+    """The firing run's loss from per-example cross-entropies: their mean ("ce"), or the
+    generalised cross-entropy (1 − p_y^q)/q ("gce"), whose gradient is p_y^q·∇CE: it fits
+    what the model already finds easy and leaves the exceptions unfitted."""
+    if kind == "gce":
+        return ((1 - torch.exp(-GCE_Q * losses)) / GCE_Q).mean()
+    return losses.mean()
+
+
+def firing_run(task, seed: int, fractions: list[float], refires: list[Config], loss: str = "ce"):
+    """One firing run (loss "ce": ERM) for max(fractions)·STEPS steps; per fraction, the JTT
+    error set of the snapshot and each re-fire config's crack memory (accumulated during the
+    run, as the criterion does)."""
     x, y, _ = task.train
     N, D, C = x.shape[0], x.shape[1], task.num_classes
     models = Models(1, seed, D, C)
@@ -251,7 +317,7 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config]):
                     crack[idx] = f
         visits += BATCH
         models.opt.zero_grad()
-        losses.mean().backward()
+        firing_loss(losses, loss).backward()
         models.opt.step()
     return snapshots
 
@@ -315,6 +381,37 @@ def epochs_grid(epochs) -> list[Config]:
     return out
 
 
+def true_minority(task) -> torch.Tensor:
+    """The training examples the shortcut fails: the rare class, the groups whose cue disagrees
+    with the label, or (hidden) those whose clean attribute, the argmax of x[:, C:2C], is not
+    the class."""
+    x, y, g = task.train
+    if task.name == "rare":
+        return y == 1
+    if task.name in ("spurious", "noisy"):
+        return (g == 1) | (g == 2)
+    if task.name == "clean":
+        return torch.zeros_like(y, dtype=torch.bool)
+    C = task.num_classes
+    return x[:, C:2 * C].argmax(1) != y
+
+
+def firing_grid(epochs) -> list[Config]:
+    """Third study: the firing run's loss, cross-entropy (ERM) or GCE (a model biased towards
+    the easy rule, as in Learning from Failure), for re-fire and JTT."""
+    out = []
+    for e in epochs:
+        f = e * 8000 / BATCH / STEPS
+        for loss in ("ce", "gce"):
+            for acc in ("mean1", "last"):
+                for lam in ("balanced", "balanced×0.5"):
+                    out.append(Config(f"re-fire {e:g}ep {loss} error {acc} λ={lam}", "refire",
+                                      accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
+            out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
+                              firing_loss=loss))
+    return out
+
+
 def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offset=0):
     results: dict[str, dict[str, list[dict]]] = {}
     for name in task_names:
@@ -326,10 +423,12 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
             for cfg, m in zip(configs_one, res):
                 results.setdefault(cfg.name, {}).setdefault(name, []).append(m)
             if configs_two:
-                snaps = firing_run(task, seed, fractions, [c for c in configs_two if c.kind == "refire"])
+                snaps = {kind: firing_run(task, seed, fractions,
+                                          [c for c in configs_two if c.kind == "refire"], kind)
+                         for kind in sorted({c.firing_loss for c in configs_two})}
                 weights = []
                 for cfg in configs_two:
-                    snap = snaps[cfg.firing]
+                    snap = snaps[cfg.firing_loss][cfg.firing]
                     if cfg.kind == "jtt":
                         lam = (N / max(float(snap["errors"].sum()), 1.0) if cfg.upweight == "balanced"
                                else cfg.upweight - 1)  # JTT's λ counts the example itself
@@ -337,7 +436,11 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
                     else:
                         crack = snap["cracks"][(cfg.fracture, cfg.accumulate)]
                         weights.append(refire_weights(cfg, crack, snap["visits"], N))
+                minority = true_minority(task)  # how much of ϕ's mass lies on it
+                shares = [float(w[minority].sum() / w.sum()) for w in weights]
                 res = train(task, seed, configs_two, weights)
+                for m, share in zip(res, shares):
+                    m["share"] = share
                 for cfg, m in zip(configs_two, res):
                     results.setdefault(cfg.name, {}).setdefault(name, []).append(m)
             log(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -345,10 +448,11 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
 
 
 def table(results, task_names, ref="ERM"):
-    """Mean target metric per task (and paired gain over ERM), majority accuracy, mean over tasks."""
+    """Mean target metric per task (and paired gain over ERM), majority accuracy, mean over
+    tasks, and for two-pass methods the share of the weights' mass on the true minority."""
     rows = []
     for name, per_task in results.items():
-        cells, gains, majors = [], [], []
+        cells, gains, majors, shares = [], [], [], []
         for t in task_names:
             ms = per_task[t]
             target = statistics.mean(m["target"] for m in ms)
@@ -356,15 +460,18 @@ def table(results, task_names, ref="ERM"):
             cells.append(target)
             gains.append(gain)
             majors.append(statistics.mean(m["majority"] for m in ms))
-        rows.append((name, cells, gains, majors))
+            shares.append(statistics.mean(m["share"] for m in ms) if "share" in ms[0] else None)
+        rows.append((name, cells, gains, majors, shares))
     rows.sort(key=lambda r: -statistics.mean(r[1]))
     head = ("| method | " + " | ".join(f"{t} target (Δ ERM)" for t in task_names)
-            + " | mean target | min Δ ERM | " + " | ".join(f"{t} majority" for t in task_names) + " |")
-    lines = [head, "|" + "---|" * (3 + 2 * len(task_names))]
-    for name, cells, gains, majors in rows:
+            + " | mean target | min Δ ERM | " + " | ".join(f"{t} majority" for t in task_names)
+            + " | " + " | ".join(f"{t} minority share" for t in task_names) + " |")
+    lines = [head, "|" + "---|" * (3 + 3 * len(task_names))]
+    for name, cells, gains, majors, shares in rows:
         lines.append(f"| {name} | " + " | ".join(f"{c:.3f} ({g:+.3f})" for c, g in zip(cells, gains))
                      + f" | {statistics.mean(cells):.3f} | {min(gains):+.3f} | "
-                     + " | ".join(f"{m:.3f}" for m in majors) + " |")
+                     + " | ".join(f"{m:.3f}" for m in majors) + " | "
+                     + " | ".join("" if s is None else f"{s:.2f}" for s in shares) + " |")
     return "\n".join(lines)
 
 
@@ -493,18 +600,20 @@ def whole_run(repeats: int = 5, T: int = 400, N: int = 8_000) -> str:
 
 
 def main():
-    global STEPS
+    global STEPS, OPTIMIZER
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["screen", "confirm", "epochs", "timing"])
+    ap.add_argument("mode", choices=["screen", "confirm", "epochs", "firing", "timing"])
     ap.add_argument("--epochs", default="2,3,4", help="firing lengths in epochs (epochs mode)")
     ap.add_argument("--fractions", default="0.1,0.25,0.5", help="firing fractions (screen)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tasks", default="rare,spurious,hidden")
     ap.add_argument("--steps", type=int, default=STEPS, help="steps of the main run (T)")
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="θ's optimizer in every run (sgd: momentum 0.9, lr 0.05)")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
     ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
-    STEPS = args.steps
+    STEPS, OPTIMIZER = args.steps, args.optimizer
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
         return
@@ -517,7 +626,11 @@ def main():
         two = epochs_grid([float(e) for e in args.epochs.split(",")])
         two += [c for c in refire_grid([0.25]) if c.name == DEFAULT_BEFORE]
         fractions = sorted({c.firing for c in two})
-    if (args.mode == "confirm" and args.only) or (args.mode == "epochs" and args.only != FINALISTS):
+    if args.mode == "firing":
+        one = baselines()
+        two = firing_grid([float(e) for e in args.epochs.split(",")])
+        fractions = sorted({c.firing for c in two})
+    if (args.mode == "confirm" and args.only) or (args.mode in ("epochs", "firing") and args.only != FINALISTS):
         keep = set(args.only.split(";")) | {c.name for c in baselines()}
         one = [c for c in one if c.name in keep]
         two = [c for c in two if c.name in keep]
@@ -525,7 +638,7 @@ def main():
     t0 = time.perf_counter()
     results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
     print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
-          f"torch {torch.__version__}, 1 thread\n")
+          f"{OPTIMIZER}, torch {torch.__version__}, 1 thread\n")
     print(table(results, tasks))
 
 
