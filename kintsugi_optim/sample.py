@@ -8,14 +8,16 @@ data set (:func:`with_indices` makes any map-style ``Dataset`` yield it).
 
 Two ways to use the memory, both here:
 
-* **re-fire** (two passes, the default): a firing run of plain training, a quarter as long as
-  the main run or four epochs if that is shorter, records how often the model gets each
-  example wrong in its second to fourth epochs; :meth:`SampleGildedLoss.refire` turns that
-  record into fixed weights; training then starts again from a fresh model. This is JTT's idea
-  (Liu et al., 2021) in Kintsugi's terms, with the errors read on the fly from the firing
-  run's own forward passes (no extra pass over the data) and averaged over visits, and the
-  up-weight chosen so the cracked examples weigh as much as the rest ("balanced") instead of
-  tuned per data set.
+* **re-fire** (two passes, the default): a firing run, a quarter as long as the main run or
+  four epochs if that is shorter, records whether the model got each example wrong at its
+  last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training
+  then starts again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's
+  terms, with the errors read on the fly from the firing run's own forward passes (no extra
+  pass over the data), and the up-weight chosen so the cracked examples weigh as much as the
+  rest ("balanced") instead of tuned per data set. The firing run trains on the generalised
+  cross-entropy (Zhang & Sabuncu, 2018), as Learning from Failure's biased model does (Nam et
+  al., 2020): it fits what the model finds easy and leaves the exceptions to the easy rule
+  wrong, so they are what the record finds.
 * **one pass** (``firing_fraction=None``): ϕ keeps rising during the one run, additively or
   multiplicatively, with damping, a cap and a warm-up.
 """
@@ -38,9 +40,11 @@ from kintsugi_optim.gilder import GilderOptimizer
 __all__ = ["SampleGildedLoss", "SampleGilder", "sample_gilding", "with_indices", "IndexedDataset"]
 
 FRACTURES = ("error", "relative", "loss")
+FIRING_LOSSES = ("gce", "mean")
 ACCUMULATE = ("mean", "last")
 REDUCTIONS = ("dataset", "batch")
 LN2 = math.log(2.0)
+GCE_Q = 0.7  # generalised cross-entropy's q, as Learning from Failure's biased model uses it
 MAX_UPWEIGHT = 1e3  # "balanced" on a handful of cracked examples would hand them everything
 
 
@@ -73,11 +77,15 @@ class SampleGildedLoss(nn.Module):
     ``"loss"``.
 
     **Re-fire** (``firing_fraction`` f in (0, 1), default 0.25): during the firing run the loss
-    is the plain mean and ϕ_i − 1 sums l_i over the visits after the first ``warmup`` epochs
-    and before ``firing_epochs`` (default 4; ``None``: to the end of the firing run)
-    (``accumulate="mean"``, default; read as the mean per visit: the first epoch, when nearly
-    every example is wrong, is left out, and so are the epochs in which a long firing run
-    begins to memorise the exceptions) or keeps the last visit's l_i (``"last"``). The firing
+    is the mean generalised cross-entropy (1 − p_y^q)/q, q = 0.7, with p_y = exp(−loss)
+    (``firing_loss="gce"``, default; its gradient is p_y^q times the loss's, so examples the
+    model finds hard barely pull on it) or the plain mean (``"mean"``; for a loss that is not a
+    negative log-likelihood), and ϕ_i − 1 keeps the l_i of example i's last visit before
+    ``firing_epochs`` epochs (default 4; ``None``: to the end of the firing run)
+    (``accumulate="last"``, default: the firing model's final verdict, after it has learnt the
+    easy rule and before it memorises the exceptions) or sums l_i over the visits after the
+    first ``warmup`` epochs and before ``firing_epochs``, read as the mean per visit
+    (``"mean"``; it also counts examples the model merely learnt late). The firing
     run lasts ``firing_steps(T, batch_size)`` = min(f·T, ⌈firing_epochs·N / batch_size⌉)
     steps; a loop that runs f·T steps gets the same ϕ (the later steps record nothing).
     :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = N / Σe ("balanced",
@@ -99,15 +107,17 @@ class SampleGildedLoss(nn.Module):
         fracture: str = "error",
         firing_fraction: float | None = 0.25,
         upweight: float | str = "balanced",
-        accumulate: str = "mean",
+        accumulate: str = "last",
         reduction: str = "dataset",
         warmup: float = 1.0,
         firing_epochs: float | None = 4.0,
+        firing_loss: str = "gce",
     ) -> None:
         super().__init__()
         require(_is_count(num_samples) and num_samples >= 1, "num_samples", num_samples,
                 "must be an int >= 1")
         require_choice("fracture", fracture, FRACTURES)
+        require_choice("firing_loss", firing_loss, FIRING_LOSSES)
         require(firing_fraction is None or (isinstance(firing_fraction, (int, float))
                                             and not isinstance(firing_fraction, bool)
                                             and 0 < firing_fraction < 1),
@@ -130,6 +140,7 @@ class SampleGildedLoss(nn.Module):
         self.reduction = reduction
         self.warmup = float(warmup)
         self.firing_epochs = None if firing_epochs is None else float(firing_epochs)
+        self.firing_loss = firing_loss
         self.register_buffer("phi", torch.ones(num_samples))
         # Host-side, saved through get_extra_state: reading them never syncs with the device.
         self.visits = 0  # examples seen by the Gilder, all ranks together
@@ -139,7 +150,7 @@ class SampleGildedLoss(nn.Module):
 
     @property
     def firing(self) -> bool:
-        """True during a re-fire criterion's firing run (plain loss, ϕ records the cracks)."""
+        """True during a re-fire criterion's firing run (ϕ records the cracks)."""
         return self.firing_fraction is not None and not self.fired
 
     def firing_steps(self, total_steps: int, batch_size: int) -> int:
@@ -188,6 +199,8 @@ class SampleGildedLoss(nn.Module):
         if not self.fired and self.training and torch.is_grad_enabled():
             self._pending.append((indices.detach(), losses.detach()))
         if self.firing:
+            if self.firing_loss == "gce":  # (1 − p_y^q)/q with p_y = exp(−loss)
+                return torch.expm1(losses * -GCE_Q).mean() / -GCE_Q
             return losses.mean()
         phi = self.phi[indices]
         if phi.dtype != losses.dtype:  # weigh and sum in the wider dtype (float32 for 16-bit)
@@ -266,7 +279,7 @@ class SampleGildedLoss(nn.Module):
 
     def extra_repr(self) -> str:
         mode = (f"firing_fraction={self.firing_fraction}, firing_epochs={self.firing_epochs}, "
-                f"upweight={self.upweight!r}"
+                f"firing_loss={self.firing_loss!r}, upweight={self.upweight!r}"
                 if self.firing_fraction is not None else f"one pass, warmup={self.warmup}")
         return (f"num_samples={self.num_samples}, fracture={self.fracture!r}, {mode}, "
                 f"reduction={self.reduction!r}")
@@ -305,7 +318,6 @@ class SampleGilder(GilderOptimizer):
         if self.criterion.phi.grad is not None:
             super().zero_grad(set_to_none)
 
-    @torch.no_grad()
     def step(self, closure=None):
         """Gild the examples the criterion recorded since the last step."""
         loss = None
@@ -314,15 +326,20 @@ class SampleGilder(GilderOptimizer):
                 loss = closure()
         crit = self.criterion
         pending, crit._pending = crit._pending, []
-        if crit.fired:  # ϕ is frozen; the criterion records nothing any more
-            return loss
+        if not crit.fired:  # once ϕ is frozen a step costs only torch's step wrapper
+            with torch.no_grad():
+                self._gild(pending)
+        return loss
+
+    def _gild(self, pending: list[tuple[Tensor, Tensor]]) -> None:
+        crit = self.criterion
         group = self.exchange_group
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         if group is not None and dist.get_world_size(group) > 1:
             indices, losses = _gather(pending, crit.phi.device, group)
         elif not pending:
-            return loss
+            return
         else:
             indices, losses = (pending[0] if len(pending) == 1 else
                                [torch.cat(parts) for parts in zip(*pending)])
@@ -342,13 +359,11 @@ class SampleGilder(GilderOptimizer):
                 crit.recorded += count
                 if crit.fracture != "error":  # an unbounded sum may overflow: cap it
                     phi.index_put_((indices,), phi[indices].clamp_(max=torch.finfo(phi.dtype).max))
-            return loss
-        if not count:
-            return loss
+            return
+        if not (count and warm):
+            return
         l = _fracture(losses, crit.fracture)
         options = self.param_groups[0]
-        if not warm:
-            return loss
         unique, inverse = torch.unique(indices, return_inverse=True)
         old = phi[unique]
         rate = float(options["beta"]) * float(options["lr"])
@@ -358,7 +373,6 @@ class SampleGilder(GilderOptimizer):
         cap = options["phi_max"] if options["phi_max"] is not None else torch.finfo(phi.dtype).max
         # 0·inf (a damped ϕ, an overflowing fracture) is NaN: that example keeps its ϕ
         phi[unique] = torch.where(new.isnan(), old, new).clamp(options["phi_min"], cap)
-        return loss
 
 
 def _fracture(losses: Tensor, kind: str) -> Tensor:
@@ -405,8 +419,8 @@ def sample_gilding(
 
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
     re-fire with a firing run of a quarter of the training steps or four epochs, whichever is
-    shorter, each example's error rate over its visits from its second to its fourth epoch, and
-    the balanced up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
+    shorter, trained on the generalised cross-entropy, each example's error at its last visit,
+    and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
     to follow, ``criterion.firing_steps`` how long the firing run needs to be::
 
         criterion, gilder = sample_gilding(len(train_set))
@@ -425,9 +439,9 @@ def sample_gilding(
         model = train(T)
 
     ``criterion_options`` go to :class:`SampleGildedLoss` (``fracture``, ``firing_fraction``,
-    ``upweight``, ``accumulate``, ``reduction``, ``warmup``, ``firing_epochs``; its defaults are
-    the study's); e.g. ``warmup`` (default 1) and ``firing_epochs`` (default 4): the epochs of
-    the firing run whose visits are recorded. One-pass options (``firing_fraction=None``):
+    ``upweight``, ``accumulate``, ``reduction``, ``warmup``, ``firing_epochs``,
+    ``firing_loss``; its defaults are the study's); e.g. ``firing_epochs`` (default 4): the
+    record ends after that many epochs. One-pass options (``firing_fraction=None``):
     ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma`` (damping), ``phi_max``
     (cap, default 1000). See :class:`SampleGildedLoss` and :class:`SampleGilder`.
     """

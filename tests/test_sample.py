@@ -55,14 +55,23 @@ def test_returns_the_pair_and_phi_is_4_bytes_per_example_outside_any_parameters(
 
 @pytest.mark.parametrize("kind", ["error", "relative", "loss"])
 @pytest.mark.parametrize("accumulate", ["mean", "last"])
-def test_firing_run_is_plain_training_and_refire_follows_the_formula(kind, accumulate):
-    N = 12
-    criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate)
+@pytest.mark.parametrize("firing_loss", ["gce", "mean"])
+def test_firing_run_trains_on_its_loss_and_refire_follows_the_formula(kind, accumulate,
+                                                                      firing_loss):
+    N, q = 12, 0.7
+    criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate,
+                                       **({} if firing_loss == "gce" else {"firing_loss": "mean"}))
     assert criterion.firing_fraction == 0.25 and criterion.firing
     crack, visits, recorded = np.zeros(N), 0, 0
     for losses, idx in batches(N, 7):
         value, grad = feed(criterion, gilder, losses, idx)
-        np.testing.assert_allclose(value, losses.mean(), rtol=1e-6)  # ERM during firing
+        if firing_loss == "gce":  # the default: generalised cross-entropy of p = exp(−loss)
+            p = np.exp(-losses.astype(float))
+            np.testing.assert_allclose(value, np.mean((1 - p ** q) / q), rtol=1e-6)
+            np.testing.assert_allclose(grad.numpy(), p ** q / len(idx), rtol=1e-5)
+        else:  # ERM
+            np.testing.assert_allclose(value, losses.mean(), rtol=1e-6)
+            np.testing.assert_allclose(grad.numpy(), np.full(len(idx), 1 / len(idx)), rtol=1e-6)
         f = fracture(losses, kind)
         if accumulate == "last":
             crack[idx] = f  # a repeated example has the same loss in one batch
@@ -98,11 +107,15 @@ def test_refire_with_a_fixed_upweight_and_without_cracks():
         feed(calm, gilder, np.full(4, 0.1, np.float32), np.arange(4))
     calm.refire()
     assert torch.equal(calm.phi, torch.ones(4))
-    early, gilder = sample_gilding(4)
+    early, gilder = sample_gilding(4, accumulate="mean")
     feed(early, gilder, np.full(4, 5.0, np.float32), np.arange(4))
     with pytest.warns(UserWarning, match="nothing was recorded"):
-        early.refire()  # the firing run ended inside the warm-up epoch
+        early.refire()  # the firing run ended inside the mean's warm-up epoch
     assert torch.equal(early.phi, torch.ones(4))
+    last, gilder = sample_gilding(4)  # the default keeps the last visit, warm-up or not
+    feed(last, gilder, np.array([5.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
+    last.refire()
+    np.testing.assert_allclose(last.phi.numpy(), np.array([5.0, 1, 1, 1]) * 4 / 8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("ascent", ["additive", "multiplicative"])
@@ -208,6 +221,7 @@ def test_bad_indices_after_refire_raise_naming_them(indices, match):
     (dict(num_samples=4, upweight=-1.0), r"Invalid upweight: -1.0"),
     (dict(num_samples=4, fracture="grad"), r"Invalid fracture: 'grad'"),
     (dict(num_samples=4, accumulate="max"), r"Invalid accumulate: 'max'"),
+    (dict(num_samples=4, firing_loss="ce"), r"Invalid firing_loss: 'ce'"),
     (dict(num_samples=4, reduction="sum"), r"Invalid reduction: 'sum'"),
     (dict(num_samples=4, warmup=-1), r"Invalid warmup: -1"),
     (dict(num_samples=4, firing_epochs=-1), r"Invalid firing_epochs: -1"),
@@ -220,10 +234,11 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
         sample_gilding(**kwargs)
 
 
-def test_firing_steps_and_the_record_window():
-    """The record covers the visits after ``warmup`` epochs and before ``firing_epochs``: a
-    firing run that goes on longer records nothing more, so it gives the same ϕ as one that
-    stops after ``firing_steps``."""
+@pytest.mark.parametrize("accumulate", ["last", "mean"])
+def test_firing_steps_and_the_record_window(accumulate):
+    """The record covers the visits before ``firing_epochs`` (the mean: and after ``warmup``
+    epochs): a firing run that goes on longer records nothing more, so it gives the same ϕ as
+    one that stops after ``firing_steps``."""
     N, B = 12, 6
     criterion, _ = sample_gilding(N, firing_epochs=3.0)
     assert criterion.firing_steps(400, B) == min(int(0.25 * 400), math.ceil(3 * N / B)) == 6
@@ -237,16 +252,19 @@ def test_firing_steps_and_the_record_window():
     record = list(batches(N, 12, B=B, seed=3))
     phis = []
     for steps in (criterion.firing_steps(400, B), len(record)):
-        criterion, gilder = sample_gilding(N, firing_epochs=3.0)
+        criterion, gilder = sample_gilding(N, firing_epochs=3.0, accumulate=accumulate)
         for losses, idx in record[:steps]:
             feed(criterion, gilder, losses, idx)
-        assert criterion.recorded == 4 * B  # batches 2-5: visits 12-35
         criterion.refire()
         phis.append(criterion.phi)
     crack = np.zeros(N)
-    for losses, idx in record[2:6]:
-        np.add.at(crack, idx, fracture(losses, "error"))
-    crack /= 4 * B / N
+    if accumulate == "mean":
+        for losses, idx in record[2:6]:  # batches 2-5: visits 12-35
+            np.add.at(crack, idx, fracture(losses, "error"))
+        crack /= 4 * B / N
+    else:
+        for losses, idx in record[:6]:  # visits 0-35, the last one wins
+            crack[idx] = fracture(losses, "error")
     expected = 1 + N / crack.sum() * crack
     np.testing.assert_allclose(phis[0].numpy(), expected * N / expected.sum(), rtol=1e-5)
     assert torch.equal(phis[0], phis[1])
