@@ -88,9 +88,10 @@ class SampleGildedLoss(nn.Module):
     (``"mean"``; it also counts examples the model merely learnt late). The firing
     run lasts ``firing_steps(T, batch_size)`` = min(f·T, ⌈firing_epochs·N / batch_size⌉)
     steps; a loop that runs f·T steps gets the same ϕ (the later steps record nothing).
-    :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = N / Σe ("balanced",
-    default: the cracked examples together weigh as much as all examples at weight 1; λ capped
-    at 1000) or a given λ, normalised to mean 1, and freezes it. Then train a fresh model for the
+    :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = balance·N / Σe
+    ("balanced", default: with ``balance`` = 1 the cracked examples together weigh as much as
+    all examples at weight 1; ``balance=0.5`` halves that, for noisy labels, whose errors the
+    record cannot tell from a minority's; λ capped at 1000) or a given λ, normalised to mean 1, and freezes it. Then train a fresh model for the
     full run with this criterion: each step costs a gather of ϕ[indices] and a dot product.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
@@ -112,6 +113,7 @@ class SampleGildedLoss(nn.Module):
         warmup: float = 1.0,
         firing_epochs: float | None = 4.0,
         firing_loss: str = "gce",
+        balance: float = 1.0,
     ) -> None:
         super().__init__()
         require(_is_count(num_samples) and num_samples >= 1, "num_samples", num_samples,
@@ -124,6 +126,8 @@ class SampleGildedLoss(nn.Module):
                 "firing_fraction", firing_fraction, "must be None or a number in (0, 1)")
         if upweight != "balanced":
             require_nonnegative("upweight", upweight)
+        require(require_nonnegative("balance", balance) > 0, "balance", balance,
+                "must be a finite number > 0")
         require_choice("accumulate", accumulate, ACCUMULATE)
         require_choice("reduction", reduction, REDUCTIONS)
         require_nonnegative("warmup", warmup)
@@ -141,6 +145,7 @@ class SampleGildedLoss(nn.Module):
         self.warmup = float(warmup)
         self.firing_epochs = None if firing_epochs is None else float(firing_epochs)
         self.firing_loss = firing_loss
+        self.balance = float(balance)
         self.register_buffer("phi", torch.ones(num_samples))
         # Host-side, saved through get_extra_state: reading them never syncs with the device.
         self.visits = 0  # examples seen by the Gilder, all ranks together
@@ -235,7 +240,7 @@ class SampleGildedLoss(nn.Module):
                 crack /= max(self.recorded, 1) / self.num_samples
             total = float(crack.sum())
             if self.upweight == "balanced":
-                lam = self.num_samples / total if total > 0 else 0.0
+                lam = self.balance * self.num_samples / total if total > 0 else 0.0
             else:
                 lam = float(self.upweight)
             phi = crack.mul_(min(lam, MAX_UPWEIGHT)).add_(1)
@@ -279,7 +284,8 @@ class SampleGildedLoss(nn.Module):
 
     def extra_repr(self) -> str:
         mode = (f"firing_fraction={self.firing_fraction}, firing_epochs={self.firing_epochs}, "
-                f"firing_loss={self.firing_loss!r}, upweight={self.upweight!r}"
+                f"firing_loss={self.firing_loss!r}, upweight={self.upweight!r}, "
+                f"balance={self.balance}"
                 if self.firing_fraction is not None else f"one pass, warmup={self.warmup}")
         return (f"num_samples={self.num_samples}, fracture={self.fracture!r}, {mode}, "
                 f"reduction={self.reduction!r}")
@@ -439,7 +445,7 @@ def sample_gilding(
         model = train(T)
 
     ``criterion_options`` go to :class:`SampleGildedLoss` (``fracture``, ``firing_fraction``,
-    ``upweight``, ``accumulate``, ``reduction``, ``warmup``, ``firing_epochs``,
+    ``upweight``, ``balance``, ``accumulate``, ``reduction``, ``warmup``, ``firing_epochs``,
     ``firing_loss``; its defaults are the study's); e.g. ``firing_epochs`` (default 4): the
     record ends after that many epochs. One-pass options (``firing_fraction=None``):
     ``beta``, ``ascent`` ("additive" or "multiplicative"), ``gamma`` (damping), ``phi_max``

@@ -116,6 +116,10 @@ def test_refire_with_a_fixed_upweight_and_without_cracks():
     feed(last, gilder, np.array([5.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
     last.refire()
     np.testing.assert_allclose(last.phi.numpy(), np.array([5.0, 1, 1, 1]) * 4 / 8, rtol=1e-6)
+    half, gilder = sample_gilding(4, balance=0.5)  # λ = 0.5·N/Σe: the cracked weigh half
+    feed(half, gilder, np.array([5.0, 5.0, 0.1, 0.1], np.float32), np.arange(4))
+    half.refire()
+    np.testing.assert_allclose(half.phi.numpy(), np.array([2.0, 2.0, 1, 1]) * 4 / 6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("ascent", ["additive", "multiplicative"])
@@ -222,6 +226,8 @@ def test_bad_indices_after_refire_raise_naming_them(indices, match):
     (dict(num_samples=4, fracture="grad"), r"Invalid fracture: 'grad'"),
     (dict(num_samples=4, accumulate="max"), r"Invalid accumulate: 'max'"),
     (dict(num_samples=4, firing_loss="ce"), r"Invalid firing_loss: 'ce'"),
+    (dict(num_samples=4, balance=0.0), r"Invalid balance: 0.0"),
+    (dict(num_samples=4, balance="half"), r"Invalid balance: 'half'"),
     (dict(num_samples=4, reduction="sum"), r"Invalid reduction: 'sum'"),
     (dict(num_samples=4, warmup=-1), r"Invalid warmup: -1"),
     (dict(num_samples=4, firing_epochs=-1), r"Invalid firing_epochs: -1"),
