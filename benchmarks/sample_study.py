@@ -600,7 +600,7 @@ def whole_run(repeats: int = 5, T: int = 400, N: int = 8_000) -> str:
 
 
 def main():
-    global STEPS, OPTIMIZER
+    global STEPS, OPTIMIZER, GCE_Q
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["screen", "confirm", "epochs", "firing", "timing"])
     ap.add_argument("--epochs", default="2,3,4", help="firing lengths in epochs (epochs mode)")
@@ -610,10 +610,11 @@ def main():
     ap.add_argument("--steps", type=int, default=STEPS, help="steps of the main run (T)")
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="θ's optimizer in every run (sgd: momentum 0.9, lr 0.05)")
+    ap.add_argument("--gce-q", type=float, default=GCE_Q, help="the firing run's GCE q")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
     ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
-    STEPS, OPTIMIZER = args.steps, args.optimizer
+    STEPS, OPTIMIZER, GCE_Q = args.steps, args.optimizer, args.gce_q
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
         return
@@ -638,7 +639,7 @@ def main():
     t0 = time.perf_counter()
     results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
     print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
-          f"{OPTIMIZER}, torch {torch.__version__}, 1 thread\n")
+          f"{OPTIMIZER}, GCE q = {GCE_Q}, torch {torch.__version__}, 1 thread\n")
     print(table(results, tasks))
 
 
