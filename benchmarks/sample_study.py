@@ -144,6 +144,10 @@ def fracture_of(losses: torch.Tensor, kind: str) -> torch.Tensor:
         return losses
     if kind == "relative":
         return losses / losses.mean().clamp_min(1e-12)
+    if kind == "margin":  # 1 − 2·p_y, clamped to [0, 1]: a confident error counts fully, a marginal one little
+        return (1 - 2 * torch.exp(-losses)).clamp(0, 1)
+    if kind == "confident":  # p_y < 1/4
+        return (losses > 2 * LN2).float()
     return (losses > LN2).float()  # p_y < 1/2: an error for two classes, "not confidently right" for more
 
 
@@ -407,6 +411,12 @@ def firing_grid(epochs) -> list[Config]:
                 for lam in ("balanced", "balanced×0.5"):
                     out.append(Config(f"re-fire {e:g}ep {loss} error {acc} λ={lam}", "refire",
                                       accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
+        for frac in ("margin", "confident"):  # fractures that discount marginal errors
+            out.append(Config(f"re-fire {e:g}ep gce {frac} last λ=balanced", "refire",
+                              fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
+        for frac in ("oracle", "oracle∩errors"):  # the true minority as the record: a bound
+            out.append(Config(f"re-fire {e:g}ep gce {frac} λ=balanced", "refire",
+                              fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
             out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
                               firing_loss=loss))
     return out
@@ -435,12 +445,20 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
                         weights.append(1 + lam * snap["errors"])
                     else:
                         crack = snap["cracks"][(cfg.fracture, cfg.accumulate)]
+                        if cfg.fracture.startswith("oracle"):  # diagnostics, not methods
+                            crack = true_minority(task).float()
+                            if cfg.fracture == "oracle∩errors":  # the minority the record finds
+                                crack *= snap["cracks"][("error", "last")] > 0
                         weights.append(refire_weights(cfg, crack, snap["visits"], N))
                 minority = true_minority(task)  # how much of ϕ's mass lies on it
                 shares = [float(w[minority].sum() / w.sum()) for w in weights]
                 res = train(task, seed, configs_two, weights)
-                for m, share in zip(res, shares):
+                for m, share, w in zip(res, shares, weights):
                     m["share"] = share
+                    cracked = w > w.min()  # the up-weighted examples: the record's verdict
+                    hit = float((cracked & minority).sum())
+                    m["precision"] = hit / max(float(cracked.sum()), 1.0)
+                    m["recall"] = hit / max(float(minority.sum()), 1.0)
                 for cfg, m in zip(configs_two, res):
                     results.setdefault(cfg.name, {}).setdefault(name, []).append(m)
             log(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -472,6 +490,20 @@ def table(results, task_names, ref="ERM"):
                      + f" | {statistics.mean(cells):.3f} | {min(gains):+.3f} | "
                      + " | ".join(f"{m:.3f}" for m in majors) + " | "
                      + " | ".join("" if s is None else f"{s:.2f}" for s in shares) + " |")
+    return "\n".join(lines)
+
+
+def record_quality(results, task_names) -> str:
+    """Per two-pass method and task: the up-weighted examples' precision and recall against
+    the true minority (what the record gets right, independently of the main run)."""
+    lines = ["| method | " + " | ".join(f"{t} precision · recall" for t in task_names) + " |",
+             "|---|" + "---|" * len(task_names)]
+    for name, per_task in results.items():
+        if "precision" not in per_task[task_names[0]][0]:
+            continue
+        cells = [f"{statistics.mean(m['precision'] for m in per_task[t]):.2f} · "
+                 f"{statistics.mean(m['recall'] for m in per_task[t]):.2f}" for t in task_names]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -641,6 +673,8 @@ def main():
     print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
           f"{OPTIMIZER}, GCE q = {GCE_Q}, torch {torch.__version__}, 1 thread\n")
     print(table(results, tasks))
+    if args.mode == "firing":
+        print("\n" + record_quality(results, tasks))
 
 
 if __name__ == "__main__":
