@@ -91,8 +91,9 @@ class SampleGildedLoss(nn.Module):
     :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = balance·N / Σe
     ("balanced", default: with ``balance`` = 1 the cracked examples together weigh as much as
     all examples at weight 1; ``balance=0.5`` halves that, for noisy labels, whose errors the
-    record cannot tell from a minority's; λ capped at 1000) or a given λ, normalised to mean 1, and freezes it. Then train a fresh model for the
-    full run with this criterion: each step costs a gather of ϕ[indices] and a dot product.
+    record cannot tell from a minority's; λ capped at 1000) or a given λ, normalised to mean
+    1, and freezes it. Then train a fresh model for the full run with this criterion: each step
+    costs a gather of ϕ[indices] and a dot product.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
     epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or
