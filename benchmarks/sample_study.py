@@ -349,14 +349,14 @@ def firing_grid(epochs) -> list[Config]:
                 for lam in ("balanced", "balanced×0.5"):
                     out.append(Config(f"re-fire {e:g}ep {loss} error {acc} λ={lam}", "refire",
                                       accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
+            out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
+                              firing_loss=loss))
         for frac in ("margin", "confident"):  # fractures that discount marginal errors
             out.append(Config(f"re-fire {e:g}ep gce {frac} last λ=balanced", "refire",
                               fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
         for frac in ("oracle", "oracle∩errors"):  # the true minority as the record: a bound
             out.append(Config(f"re-fire {e:g}ep gce {frac} λ=balanced", "refire",
                               fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
-            out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
-                              firing_loss=loss))
     return out
 
 
@@ -606,6 +606,8 @@ def main():
         one = [c for c in one if c.name in keep]
         two = [c for c in two if c.name in keep]
         fractions = sorted({c.firing for c in two}) or fractions
+    names = [c.name for c in one + two]
+    assert len(set(names)) == len(names), "configs share a name: their results would merge"
     t0 = time.perf_counter()
     results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
     print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
