@@ -1,8 +1,9 @@
 """Tasks for benchmarks/sample_study.py beyond the demo's three, and each task's true minority.
 
 Every claim of the sample-gilding study is also checked where the demo's tasks do not reach:
-``clean0`` (nothing to find), ``clean`` (nothing to find, 5 % random labels) and ``noisy`` (the
-demo's spurious task with 10 % of its labels flipped). :func:`make_task` builds these and the
+``clean0`` (nothing to find), ``clean`` (nothing to find, 5 % random labels), ``noisy`` (the
+demo's spurious task with 10 % of its labels flipped) and ``longtail`` (ten classes, imbalance
+100). :func:`make_task` builds these and the
 demo's.
 """
 
@@ -45,8 +46,25 @@ def _clean(seed: int, n_train: int = 8000, n_test: int = 20000, noise: float = 0
                 num_classes=4, num_groups=4, group_names=[f"y{c}" for c in range(4)])
 
 
+def _longtail(seed: int, n_train: int = 8000, n_test: int = 20000) -> Task:
+    """Ten Gaussian classes whose training frequencies fall as 0.6^k (the last has about 30
+    examples, 1/100 of the first); balanced at test. The target is the worst class's accuracy,
+    "majority" the accuracy on the three head classes; the minority is the five tail classes."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    centres = 1.0 * torch.randn(10, 16, generator=gen)
+    prior = 0.6 ** torch.arange(10.0)
+
+    def sample(n, weights):
+        y = torch.multinomial(weights, n, replacement=True, generator=gen)
+        return centres[y] + torch.randn(n, 16, generator=gen), y, y.clone()
+
+    return Task("longtail", "Long tail (10 classes, imbalance 100)",
+                sample(n_train, prior / prior.sum()), sample(n_test, torch.ones(10)),
+                num_classes=10, num_groups=10, group_names=[f"y{c}" for c in range(10)])
+
+
 CHECK_TASKS = {"noisy": _noisy_spurious, "clean": _clean,
-               "clean0": lambda seed: _clean(seed, noise=0.0)}
+               "clean0": lambda seed: _clean(seed, noise=0.0), "longtail": _longtail}
 
 
 def make_task(name: str, seed: int) -> Task:
@@ -69,5 +87,7 @@ def true_minority(task) -> torch.Tensor:
         return (g == 1) | (g == 2)
     if task.name == "clean":
         return torch.zeros_like(y, dtype=torch.bool)
+    if task.name == "longtail":
+        return y >= 5
     C = task.num_classes
     return x[:, C:2 * C].argmax(1) != y
