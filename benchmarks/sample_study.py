@@ -267,7 +267,8 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
         losses = F.cross_entropy(logits, y[idx], reduction="none")
         with torch.no_grad():
             for (frac, acc), crack in cracks.items():
-                f = fracture_of(losses.detach(), frac)
+                f = (fracture_of(losses.detach(), frac) if frac != "argmax" else  # JTT's error
+                     (logits.argmax(1) != y[idx]).float())
                 if acc == "mean1":  # the mean after the first epoch
                     if visits >= N:
                         crack.index_add_(0, idx, f)
@@ -356,7 +357,7 @@ def firing_grid(epochs) -> list[Config]:
                                       accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
             out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
                               firing_loss=loss))
-        for frac in ("margin", "confident"):  # fractures that discount marginal errors
+        for frac in ("margin", "confident", "argmax"):  # marginal errors discounted; JTT's error
             out.append(Config(f"re-fire {e:g}ep gce {frac} last λ=balanced", "refire",
                               fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
         for frac in ("oracle", "oracle∩errors"):  # the true minority as the record: a bound
