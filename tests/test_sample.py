@@ -261,6 +261,8 @@ def test_firing_steps_and_the_record_window(accumulate):
         criterion, gilder = sample_gilding(N, firing_epochs=3.0, accumulate=accumulate)
         for losses, idx in record[:steps]:
             feed(criterion, gilder, losses, idx)
+        if accumulate == "mean":
+            assert criterion.recorded == 4 * B  # batches 2-5: visits 12-35
         criterion.refire()
         phis.append(criterion.phi)
     crack = np.zeros(N)
