@@ -17,10 +17,10 @@ from kintsugi_optim.demo.tasks import Task
 __all__ = ["CHECK_TASKS", "make_task", "true_minority"]
 
 
-def _noisy_spurious(seed: int) -> Task:
+def _noisy_spurious(seed: int, n_train: int = 8000) -> Task:
     """The demo's spurious task with 10 % of the training labels flipped at random: the firing
     run's errors now include examples no model should fit."""
-    task = make_demo_task("spurious", seed)
+    task = make_demo_task("spurious", seed, n_train=n_train)
     x, y, g = task.train
     flip = torch.rand(y.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.1
     task.train = (x, torch.where(flip, 1 - y, y), g)
@@ -64,14 +64,16 @@ def _longtail(seed: int, n_train: int = 8000, n_test: int = 20000) -> Task:
 
 
 CHECK_TASKS = {"noisy": _noisy_spurious, "clean": _clean,
-               "clean0": lambda seed: _clean(seed, noise=0.0), "longtail": _longtail}
+               "clean0": lambda seed, n_train: _clean(seed, n_train, noise=0.0),
+               "longtail": _longtail}
 
 
-def make_task(name: str, seed: int) -> Task:
-    """Task ``name`` (a check task or one of the demo's) for ``seed``."""
+def make_task(name: str, seed: int, n_train: int = 8000) -> Task:
+    """Task ``name`` (a check task or one of the demo's) for ``seed``, with ``n_train``
+    training examples."""
     if name not in CHECK_TASKS:
-        return make_demo_task(name, seed)
-    task = CHECK_TASKS[name](seed)
+        return make_demo_task(name, seed, n_train=n_train)
+    task = CHECK_TASKS[name](seed, n_train=n_train)
     task.name = name.rstrip("0")  # clean0 is evaluated as clean
     return task
 

@@ -1,7 +1,9 @@
-"""Study of the sample-level gilding rule (docs/sample-gilding.md), on the demo's three tasks.
+"""Study of the sample-level gilding rule (docs/sample-gilding.md), on the demo's three tasks
+and the check tasks of ``check_tasks.py`` (``--tasks``), with N examples each (``--n-train``).
 
 Every configuration trains the demo's MLP (the same initialisation and batches per seed, so
-comparisons are paired) with Adam, lr 3e-3, batch 256, T = 400 steps. Many configurations train
+comparisons are paired) with Adam, lr 3e-3, batch 256, T = 400 steps (``--optimizer``,
+``--steps``). Many configurations train
 at once as one batch of models (``torch.bmm``), single-threaded, so the whole grid fits in
 minutes on a shared 2-core machine. Two-pass methods (JTT, Kintsugi re-fire) share one ERM
 firing run per seed, snapshotted at each firing fraction: their first stage is ERM for all.
@@ -9,6 +11,7 @@ firing run per seed, snapshotted at each firing fraction: their first stage is E
     python benchmarks/sample_study.py screen  --seeds 2  > screen.txt     # the whole grid
     python benchmarks/sample_study.py confirm --seeds 5  > confirm.txt    # the finalists
     python benchmarks/sample_study.py confirm --seeds 5 --seed-offset 100  # held-out seeds
+    python benchmarks/sample_study.py firing  --seeds 5 --n-train 32000   # records, bounds, rules
     python benchmarks/sample_study.py timing                              # step-time overhead
 
 Metric per task: minority recall (rare), worst-group accuracy (spurious, hidden); also the
@@ -33,6 +36,7 @@ from kintsugi_optim.demo import make_model
 
 torch.set_num_threads(1)
 STEPS, BATCH, LR = 400, 256, 3e-3
+N_TRAIN = 8000  # training examples per task (the demo's)
 OPTIMIZER = "adam"  # or "sgd": momentum 0.9, lr 0.05, the demo's SGD (a check beyond Adam)
 LN2 = math.log(2.0)
 
@@ -89,6 +93,8 @@ class Config:
     upweight: float | str = "balanced"  # refire / jtt: λ, or "balanced" (cracks weigh as much as the rest)
     persist: str = "rate"  # refire: e = the error rate, its square, or 1 when wrong in most visits
     firing_loss: str = "ce"  # refire / jtt: the firing run's loss, cross-entropy or GCE (q = 0.7)
+    true_groups: bool = False  # wce / gdro on hidden: given the groups the learner is not told (a bound)
+    strength: float = 1.0  # wce: group weights 1 + strength·(balanced − 1), from ERM (0) to balanced (1)
     state: dict = field(default_factory=dict)
 
 
@@ -101,6 +107,8 @@ def fracture_of(losses: torch.Tensor, kind: str) -> torch.Tensor:
         return (1 - 2 * torch.exp(-losses)).clamp(0, 1)
     if kind == "confident":  # p_y < 1/4
         return (losses > 2 * LN2).float()
+    if kind.startswith("p<"):  # p_y below a threshold
+        return (losses > -math.log(float(kind[2:]))).float()
     return (losses > LN2).float()  # p_y < 1/2: an error for two classes, "not confidently right" for more
 
 
@@ -125,6 +133,8 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     if cfg.accumulate == "mean1":
         visits = max(visits - N, 0)
     e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
+    if cfg.accumulate == "last2":  # wrong at each of the last two visits
+        e = (crack >= 2).float()
     if cfg.persist == "square":  # persistent errors count more than occasional ones
         e = e * e
     elif cfg.persist == "most":
@@ -180,11 +190,16 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
     models = Models(K, seed, D, C)
     order = torch.Generator().manual_seed(seed)
     sampler = torch.Generator().manual_seed(10_000 + seed)
-    G = task.num_pathways
-    counts = torch.bincount(groups, minlength=G).float()
-    wce = counts.sum() / (G * counts.clamp_min(1))
     for k, cfg in enumerate(configs):
-        cfg.state = {"phi": torch.ones(N), "q": torch.full((G,), 1.0 / G), "seen": 0}
+        if cfg.true_groups and task.hidden_groups:  # 2y + atypical, as in the test set
+            known = 2 * y + true_minority(task).long()
+            G = task.num_groups
+        else:
+            known, G = groups, task.num_pathways
+        counts = torch.bincount(known, minlength=G).float()
+        cfg.state = {"phi": torch.ones(N), "q": torch.full((G,), 1.0 / G), "seen": 0,
+                     "groups": known,
+                     "wce": 1 + cfg.strength * (counts.sum() / (G * counts.clamp_min(1)) - 1)}
     for step in range(STEPS):
         idx = torch.randint(0, N, (BATCH,), generator=order)
         idxs = idx.expand(K, -1).clone()
@@ -205,10 +220,10 @@ def train(task, seed: int, configs: list[Config], firing_model_weights=None):
                 p = torch.exp(-l)
                 terms.append(((1 - p) ** 2 * l).mean())
             elif cfg.kind == "wce":
-                w = wce[groups[i]]
+                w = st["wce"][st["groups"][i]]
                 terms.append((w * l).sum() / w.sum())
             elif cfg.kind == "gdro":
-                g = groups[i]
+                g, G = st["groups"][i], st["q"].numel()
                 means = torch.zeros(G).index_add_(0, g, l) / torch.bincount(g, minlength=G).clamp_min(1)
                 terms.append((st["q"] * means).sum())
                 q = st["q"] * torch.exp(0.05 * means.detach())
@@ -251,14 +266,18 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
     N, D, C = x.shape[0], x.shape[1], task.num_classes
     models = Models(1, seed, D, C)
     order = torch.Generator().manual_seed(seed)
-    cracks = {(c.fracture, c.accumulate): torch.zeros(N) for c in refires}
+    cracks = {(c.fracture, c.accumulate): torch.zeros(N) for c in refires
+              if c.fracture != "snapshot"}
     visits, snapshots = 0, {}
     last = max(fractions)
     for step in range(int(last * STEPS) + 1):
         for f in fractions:
             if step == int(f * STEPS):
                 errors = (models.predict(x)[0] != y).float()
-                snapshots[f] = {"errors": errors, "visits": visits,
+                with torch.no_grad():  # the snapshot's verdict p_y < 1/2 on every example
+                    cracked = (F.cross_entropy(models(x.unsqueeze(0))[0], y, reduction="none")
+                               > LN2).float()
+                snapshots[f] = {"errors": errors, "cracked": cracked, "visits": visits,
                                 "cracks": {k: v.clone() for k, v in cracks.items()}}
         if step == int(last * STEPS):
             break
@@ -276,6 +295,11 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
                     crack.index_add_(0, idx, f)
                 elif acc == "ema":  # half-life of one visit
                     crack[idx] = 0.5 * crack[idx] + 0.5 * f
+                elif acc == "late":  # the last visit in the firing run's second half (one fraction only)
+                    if step >= int(last * STEPS) // 2:
+                        crack[idx] = f
+                elif acc == "last2":  # consecutive wrong visits, counted up to 2
+                    crack[idx] = f * (crack[idx] + 1).clamp(max=2)
                 else:
                     crack[idx] = f
         visits += BATCH
@@ -293,6 +317,15 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
 def baselines() -> list[Config]:
     return [Config("ERM", "erm"), Config("focal (γ=2)", "focal"),
             Config("weighted CE [labels]", "wce"), Config("Group DRO [labels]", "gdro")]
+
+
+def oracles() -> list[Config]:
+    """Group-balanced CE and Group DRO told the groups that ``hidden`` keeps from the learner:
+    the trade-off between its worst group and its majority that a method knowing them reaches."""
+    return [Config("weighted CE [true groups]", "wce", true_groups=True),
+            Config("Group DRO [true groups]", "gdro", true_groups=True)] + [
+        Config(f"weighted CE [true groups] ×{a:g}", "wce", true_groups=True, strength=a)
+        for a in (0.05, 0.1, 0.2, 0.4)]
 
 
 def one_pass_grid() -> list[Config]:
@@ -349,7 +382,7 @@ def firing_grid(epochs) -> list[Config]:
     the easy rule, as in Learning from Failure), for re-fire and JTT."""
     out = []
     for e in epochs:
-        f = e * 8000 / BATCH / STEPS
+        f = e * N_TRAIN / BATCH / STEPS
         for loss in ("ce", "gce", "ngce"):
             for acc in ("mean1", "last"):
                 for lam in ("balanced", "balanced×0.5"):
@@ -357,12 +390,26 @@ def firing_grid(epochs) -> list[Config]:
                                       accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
             out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
                               firing_loss=loss))
-        for frac in ("margin", "confident", "argmax"):  # marginal errors discounted; JTT's error
+        for acc in ("last2", "late"):
+            out.append(Config(f"re-fire {e:g}ep gce error {acc} λ=balanced", "refire",
+                              accumulate=acc, firing=f, firing_loss="gce"))
+        for frac in ("margin", "confident", "argmax", "p<0.4", "p<0.3"):  # marginal errors discounted; JTT's error
             out.append(Config(f"re-fire {e:g}ep gce {frac} last λ=balanced", "refire",
                               fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
+        out.append(Config(f"re-fire {e:g}ep gce snapshot λ=balanced", "refire",
+                          fracture="snapshot", firing=f, firing_loss="gce"))
+        out.append(Config(f"re-fire {e:g}ep ce snapshot λ=balanced", "refire",
+                          fracture="snapshot", firing=f, firing_loss="ce"))
         for frac in ("oracle", "oracle∩errors"):  # the true minority as the record: a bound
             out.append(Config(f"re-fire {e:g}ep gce {frac} λ=balanced", "refire",
                               fracture=frac, accumulate="last", firing=f, firing_loss="gce"))
+    epoch = math.ceil(N_TRAIN / BATCH) / STEPS  # one epoch as a fraction of the main run
+    for rule, f in (("0.25·T ≤ 4 epochs", min(0.25, 4 * epoch)),  # the third round's default
+                    ("0.25·T in [1, 4] epochs", min(max(0.25, min(epoch, 1.0)), 4 * epoch))):
+        out.append(Config(f"re-fire {rule}, gce error last λ=balanced", "refire",
+                          accumulate="last", firing=f, firing_loss="gce"))
+        out.append(Config(f"JTT {rule}, gce λ=50", "jtt", firing=f, upweight=50,
+                          firing_loss="gce"))
     return out
 
 
@@ -371,7 +418,7 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
     for name in task_names:
         for seed in range(offset, offset + seeds):
             t0 = time.perf_counter()
-            task = make_task(name, seed)
+            task = make_task(name, seed, N_TRAIN)
             N = task.train[0].shape[0]
             res = train(task, seed, configs_one) if configs_one else []
             for cfg, m in zip(configs_one, res):
@@ -388,7 +435,8 @@ def run(task_names, seeds, configs_one, configs_two, fractions, log=print, offse
                                else cfg.upweight - 1)  # JTT's λ counts the example itself
                         weights.append(1 + lam * snap["errors"])
                     else:
-                        crack = snap["cracks"][(cfg.fracture, cfg.accumulate)]
+                        crack = (snap["cracked"] if cfg.fracture == "snapshot" else
+                                 snap["cracks"][(cfg.fracture, cfg.accumulate)])
                         if cfg.fracture.startswith("oracle"):  # diagnostics, not methods
                             crack = true_minority(task).float()
                             if cfg.fracture == "oracle∩errors":  # the minority the record finds
@@ -576,7 +624,7 @@ def whole_run(repeats: int = 5, T: int = 400, N: int = 8_000) -> str:
 
 
 def main():
-    global STEPS, OPTIMIZER, GCE_Q
+    global STEPS, OPTIMIZER, GCE_Q, N_TRAIN
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["screen", "confirm", "epochs", "firing", "timing"])
     ap.add_argument("--epochs", default="2,3,4", help="firing lengths in epochs (epochs mode)")
@@ -587,10 +635,11 @@ def main():
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                     help="θ's optimizer in every run (sgd: momentum 0.9, lr 0.05)")
     ap.add_argument("--gce-q", type=float, default=GCE_Q, help="the firing run's GCE q")
+    ap.add_argument("--n-train", type=int, default=N_TRAIN, help="training examples per task")
     ap.add_argument("--seed-offset", type=int, default=0, help="first seed (held-out seeds: 100)")
     ap.add_argument("--only", default=FINALISTS, help="config names separated by ';' (confirm)")
     args = ap.parse_args()
-    STEPS, OPTIMIZER, GCE_Q = args.steps, args.optimizer, args.gce_q
+    STEPS, OPTIMIZER, GCE_Q, N_TRAIN = args.steps, args.optimizer, args.gce_q, args.n_train
     if args.mode == "timing":
         print(f"timing: torch {torch.__version__}, 1 thread\n\n{timing()}")
         return
@@ -604,11 +653,11 @@ def main():
         two += [c for c in refire_grid([0.25]) if c.name == DEFAULT_BEFORE]
         fractions = sorted({c.firing for c in two})
     if args.mode == "firing":
-        one = baselines()
+        one = baselines() + oracles()
         two = firing_grid([float(e) for e in args.epochs.split(",")])
         fractions = sorted({c.firing for c in two})
     if (args.mode == "confirm" and args.only) or (args.mode in ("epochs", "firing") and args.only != FINALISTS):
-        keep = set(args.only.split(";")) | {c.name for c in baselines()}
+        keep = set(args.only.split(";")) | {c.name for c in baselines() + oracles()}
         one = [c for c in one if c.name in keep]
         two = [c for c in two if c.name in keep]
         fractions = sorted({c.firing for c in two}) or fractions
@@ -617,7 +666,7 @@ def main():
     t0 = time.perf_counter()
     results = run(tasks, args.seeds, one, two, fractions, offset=args.seed_offset)
     print(f"{args.mode}: {args.seeds} seeds from {args.seed_offset}, T = {STEPS} steps, tasks {tasks}, {time.perf_counter() - t0:.0f} s, "
-          f"{OPTIMIZER}, GCE q = {GCE_Q}, torch {torch.__version__}, 1 thread\n")
+          f"{OPTIMIZER}, GCE q = {GCE_Q}, N = {N_TRAIN}, torch {torch.__version__}, 1 thread\n")
     print(table(results, tasks))
     if args.mode == "firing":
         print("\n" + record_quality(results, tasks))

@@ -8,9 +8,9 @@ data set (:func:`with_indices` makes any map-style ``Dataset`` yield it).
 
 Two ways to use the memory, both here:
 
-* **re-fire** (two passes, the default): a firing run, a quarter as long as the main run or
-  four epochs if that is shorter, records whether the model got each example wrong at its
-  last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training
+* **re-fire** (two passes, the default): a firing run, a quarter as long as the main run
+  (but at least one epoch and at most four), records whether the model got each example
+  wrong at its last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training
   then starts again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's
   terms, with the errors read on the fly from the firing run's own forward passes (no extra
   pass over the data), and the up-weight chosen so the cracked examples weigh as much as the
@@ -86,8 +86,10 @@ class SampleGildedLoss(nn.Module):
     easy rule and before it memorises the exceptions) or sums l_i over the visits after the
     first ``warmup`` epochs and before ``firing_epochs``, read as the mean per visit
     (``"mean"``; it also counts examples the model merely learnt late). The firing
-    run lasts ``firing_steps(T, batch_size)`` = min(f·T, ⌈firing_epochs·N / batch_size⌉)
-    steps; a loop that runs f·T steps gets the same ϕ (the later steps record nothing).
+    run lasts ``firing_steps(T, B)`` = min(max(f·T, min(E, T)), firing_epochs·E) steps, with
+    E = ⌈N / B⌉ steps to an epoch: at least one epoch, so that every example has a verdict
+    when the main run is short in epochs, and no longer than the record (a loop that runs
+    f·T steps when that is longer gets the same ϕ: the later steps record nothing).
     :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = balance·N / Σe
     ("balanced", default: with ``balance`` = 1 the cracked examples together weigh as much as
     all examples at weight 1; ``balance=0.5`` halves that, for noisy labels, whose errors the
@@ -161,17 +163,18 @@ class SampleGildedLoss(nn.Module):
 
     def firing_steps(self, total_steps: int, batch_size: int) -> int:
         """Steps of the firing run for a main run of ``total_steps`` batches of ``batch_size``
-        examples (all ranks together under DDP): ``firing_fraction``·T, or fewer when the
-        record is complete sooner (after ``firing_epochs`` epochs; steps after that record
-        nothing, so a loop that runs the full fraction gets the same ϕ, only later). 0 for a
-        one-pass criterion."""
+        examples (all ranks together under DDP): ``firing_fraction``·T, but at least one
+        epoch (at most T), so that the record holds a verdict on every example, and at most
+        ``firing_epochs`` epochs (steps after that record nothing, so a loop that runs the
+        full fraction gets the same ϕ, only later). 0 for a one-pass criterion."""
         require(_is_count(total_steps) and total_steps >= 0, "total_steps", total_steps,
                 "must be an int >= 0")
         require(_is_count(batch_size) and batch_size >= 1, "batch_size", batch_size,
                 "must be an int >= 1")
         if self.firing_fraction is None:
             return 0
-        steps = int(self.firing_fraction * total_steps)
+        epoch = math.ceil(self.num_samples / batch_size)
+        steps = max(int(self.firing_fraction * total_steps), min(epoch, total_steps))
         if self.firing_epochs is not None:
             steps = min(steps, math.ceil(self.firing_epochs * self.num_samples / batch_size))
         return steps
@@ -425,8 +428,8 @@ def sample_gilding(
     r"""Label-free sample-level gilding: ``(criterion, gilder)`` for a data set of ``num_samples``.
 
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
-    re-fire with a firing run of a quarter of the training steps or four epochs, whichever is
-    shorter, trained on the generalised cross-entropy, each example's error at its last visit,
+    re-fire with a firing run of a quarter of the training steps (but at least one epoch and at
+    most four), trained on the generalised cross-entropy, each example's error at its last visit,
     and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
     to follow, ``criterion.firing_steps`` how long the firing run needs to be::
 

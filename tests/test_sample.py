@@ -249,6 +249,10 @@ def test_firing_steps_and_the_record_window(accumulate):
     criterion, _ = sample_gilding(N, firing_epochs=3.0)
     assert criterion.firing_steps(400, B) == min(int(0.25 * 400), math.ceil(3 * N / B)) == 6
     assert criterion.firing_steps(16, B) == 4  # a quarter of a short run
+    # at least one epoch (2 steps), so every example has a verdict, but no longer than T
+    assert criterion.firing_steps(4, B) == 2 and criterion.firing_steps(1, B) == 1
+    assert criterion.firing_steps(0, B) == 0
+    assert sample_gilding(N, firing_epochs=0.5, warmup=0.0)[0].firing_steps(4, B) == 1  # the end
     assert sample_gilding(N, firing_epochs=None)[0].firing_steps(400, B) == 100
     assert sample_gilding(N, firing_fraction=None)[0].firing_steps(400, B) == 0
     for name, args in (("total_steps", (-1, B)), ("batch_size", (10, 0)),
