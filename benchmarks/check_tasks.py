@@ -2,9 +2,9 @@
 
 Every claim of the sample-gilding study is also checked where the demo's tasks do not reach:
 ``clean0`` (nothing to find), ``clean`` (nothing to find, 5 % random labels), ``noisy`` (the
-demo's spurious task with 10 % of its labels flipped) and ``longtail`` (ten classes, imbalance
-100). :func:`make_task` builds these and the
-demo's.
+demo's spurious task with 10 % of its labels flipped), ``longtail`` (ten classes, imbalance
+100) and the demo's tasks at other strengths of their imbalance (``VARIANTS``).
+:func:`make_task` builds these and the demo's.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from kintsugi_optim.demo import make_task as make_demo_task
-from kintsugi_optim.demo.tasks import Task
+from kintsugi_optim.demo.tasks import TASKS, Task
 
-__all__ = ["CHECK_TASKS", "make_task", "true_minority"]
+__all__ = ["CHECK_TASKS", "VARIANTS", "make_task", "true_minority"]
 
 
 def _noisy_spurious(seed: int, n_train: int = 8000) -> Task:
@@ -67,10 +67,21 @@ CHECK_TASKS = {"noisy": _noisy_spurious, "clean": _clean,
                "clean0": lambda seed, n_train: _clean(seed, n_train, noise=0.0),
                "longtail": _longtail}
 
+# The demo's tasks with another strength of their imbalance, evaluated as the demo's task:
+# the rare class at 1 % and 5 %, the spurious cue agreeing 90 % and 99 % of the time, the
+# hidden task with five classes or 80 % typical examples.
+VARIANTS = {"rare1": ("rare", {"prevalence": 0.01}), "rare5": ("rare", {"prevalence": 0.05}),
+            "spurious90": ("spurious", {"agreement": 0.90}),
+            "spurious99": ("spurious", {"agreement": 0.99}),
+            "hidden5": ("hidden", {"classes": 5}), "hidden80": ("hidden", {"typical": 0.8})}
+
 
 def make_task(name: str, seed: int, n_train: int = 8000) -> Task:
     """Task ``name`` (a check task or one of the demo's) for ``seed``, with ``n_train``
     training examples."""
+    if name in VARIANTS:
+        base, options = VARIANTS[name]
+        return TASKS[base](torch.Generator().manual_seed(10_000 + seed), n_train, 20000, **options)
     if name not in CHECK_TASKS:
         return make_demo_task(name, seed, n_train=n_train)
     task = CHECK_TASKS[name](seed, n_train=n_train)

@@ -37,8 +37,9 @@ class Task:
         return self.num_classes if self.hidden_groups else self.num_groups
 
 
-def _rare_event(generator: torch.Generator, n_train: int, n_test: int) -> Task:
-    dim, prevalence = 16, 0.02
+def _rare_event(generator: torch.Generator, n_train: int, n_test: int, *,
+                prevalence: float = 0.02) -> Task:
+    dim = 16
 
     def sample(n):
         y = (torch.rand(n, generator=generator) < prevalence).long()
@@ -47,13 +48,15 @@ def _rare_event(generator: torch.Generator, n_train: int, n_test: int) -> Task:
         x[:, 1] += 1.0 * y * torch.sign(x[:, 2])  # and a weaker interaction with a distractor
         return x, y, y.clone()
 
-    return Task("rare", "Rare event (2% minority class)", sample(n_train), sample(n_test),
+    return Task("rare", f"Rare event ({100 * prevalence:g}% minority class)", sample(n_train),
+                sample(n_test),
                 num_classes=2, num_groups=2, group_names=["majority", "minority"],
                 minority_class=1)
 
 
-def _spurious(generator: torch.Generator, n_train: int, n_test: int) -> Task:
-    dim, agreement = 12, 0.95
+def _spurious(generator: torch.Generator, n_train: int, n_test: int, *,
+              agreement: float = 0.95) -> Task:
+    dim = 12
 
     def sample(n, agree):
         y = torch.randint(0, 2, (n,), generator=generator)
@@ -69,8 +72,9 @@ def _spurious(generator: torch.Generator, n_train: int, n_test: int) -> Task:
                 group_names=["y0·a0", "y0·a1", "y1·a0", "y1·a1"])
 
 
-def _hidden(generator: torch.Generator, n_train: int, n_test: int) -> Task:
-    dim, classes, typical = 16, 3, 0.9
+def _hidden(generator: torch.Generator, n_train: int, n_test: int, *, classes: int = 3,
+            typical: float = 0.9) -> Task:
+    dim = 16
 
     def sample(n, agree):
         y = torch.randint(0, classes, (n,), generator=generator)
@@ -85,7 +89,8 @@ def _hidden(generator: torch.Generator, n_train: int, n_test: int) -> Task:
 
     train, test = sample(n_train, typical), sample(n_test, 1 / classes)
     train = (train[0], train[1], train[1].clone())  # the learner knows the classes, not the groups
-    return Task("hidden", "Hidden groups (3 classes, a weak feature against a strong spurious one)",
+    return Task("hidden",
+                f"Hidden groups ({classes} classes, a weak feature against a strong spurious one)",
                 train, test, num_classes=classes, num_groups=2 * classes,
                 group_names=[f"y{c}·{kind}" for c in range(classes)
                              for kind in ("typical", "atypical")],
