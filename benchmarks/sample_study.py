@@ -135,6 +135,11 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
     if cfg.accumulate == "last2":  # wrong at each of the last two visits
         e = (crack >= 2).float()
+    if cfg.accumulate == "last2n":  # the same, with λ set by the errors at the last visit
+        e = (crack >= 2).float()
+        if cfg.upweight == "balanced":
+            phi = 1 + min(N / max(float((crack >= 1).sum()), 1e-12), 1e3) * e
+            return phi * (N / phi.sum())
     if cfg.persist == "square":  # persistent errors count more than occasional ones
         e = e * e
     elif cfg.persist == "most":
@@ -298,7 +303,7 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
                 elif acc == "late":  # the last visit in the firing run's second half (one fraction only)
                     if step >= int(last * STEPS) // 2:
                         crack[idx] = f
-                elif acc == "last2":  # consecutive wrong visits, counted up to 2
+                elif acc in ("last2", "last2n"):  # consecutive wrong visits, counted up to 2
                     crack[idx] = f * (crack[idx] + 1).clamp(max=2)
                 else:
                     crack[idx] = f
@@ -390,7 +395,7 @@ def firing_grid(epochs) -> list[Config]:
                                       accumulate=acc, firing=f, firing_loss=loss, upweight=lam))
             out.append(Config(f"JTT {e:g}ep {loss} λ=50", "jtt", firing=f, upweight=50,
                               firing_loss=loss))
-        for acc in ("last2", "late"):
+        for acc in ("last2", "last2n", "late"):
             out.append(Config(f"re-fire {e:g}ep gce error {acc} λ=balanced", "refire",
                               accumulate=acc, firing=f, firing_loss="gce"))
         for frac in ("margin", "confident", "argmax", "p<0.4", "p<0.3"):  # marginal errors discounted; JTT's error
