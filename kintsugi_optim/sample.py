@@ -228,7 +228,8 @@ class SampleGildedLoss(nn.Module):
 
         Afterwards the Gilder leaves ϕ unchanged; re-initialise the model and its optimizer and
         train again with this criterion. Raises ``RuntimeError`` for a one-pass criterion or
-        a second call."""
+        a second call; warns when the firing run saw less than one epoch of examples (those it
+        never visited count as uncracked)."""
         if self.firing_fraction is None:
             raise RuntimeError("refire() is for a two-pass criterion (firing_fraction is None)")
         if self.fired:
@@ -238,6 +239,10 @@ class SampleGildedLoss(nn.Module):
             warnings.warn(f"refire(): nothing was recorded: the firing run saw {self.visits} "
                           f"examples, fewer than warmup={self.warmup} epochs of "
                           f"{self.num_samples}; ϕ stays 1 (lengthen the firing run)")
+        elif self.visits < self.num_samples:
+            warnings.warn(f"refire(): the firing run saw {self.visits} examples, less than one "
+                          f"epoch of {self.num_samples}: the examples it never visited count "
+                          f"as uncracked (run criterion.firing_steps(T, batch_size) steps)")
         with torch.no_grad():
             crack = self.phi.double().clamp(max=torch.finfo(self.phi.dtype).max) - 1
             if self.accumulate == "mean":  # sum over visits → mean per visit
