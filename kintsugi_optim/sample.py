@@ -8,13 +8,13 @@ data set (:func:`with_indices` makes any map-style ``Dataset`` yield it).
 
 Two ways to use the memory, both here:
 
-* **re-fire** (two passes, the default): a firing run, a quarter as long as the main run
-  (but at least one epoch and at most four), records whether the model got each example
-  wrong at its last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed
-  weights; training then starts again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's
-  terms, with the errors read on the fly from the firing run's own forward passes (no extra
-  pass over the data), and the up-weight chosen so the cracked examples weigh as much as the
-  rest ("balanced") instead of tuned per data set. The firing run trains on the generalised
+* **re-fire** (two passes, the default): a firing run, a quarter as long as the main run (but at
+  least one epoch and at most four), records whether the model got each example wrong at its
+  last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training
+  then starts again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's
+  terms, with the errors read on the fly from the firing run's own forward passes (no extra pass
+  over the data), and the up-weight chosen so the cracked examples weigh as much as the rest
+  ("balanced") instead of tuned per data set. The firing run trains on the generalised
   cross-entropy (Zhang & Sabuncu, 2018), as Learning from Failure's biased model does (Nam et
   al., 2020): it fits what the model finds easy and leaves the exceptions to the easy rule
   wrong, so they are what the record finds.
