@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kintsugi_optim.demo import make_task as make_demo_task
-from kintsugi_optim.demo.tasks import TASKS, Task
+from kintsugi_optim.demo.tasks import Task
 
 __all__ = ["CHECK_TASKS", "VARIANTS", "make_task", "true_minority"]
 
@@ -80,8 +80,8 @@ def make_task(name: str, seed: int, n_train: int = 8000) -> Task:
     """Task ``name`` (a check task or one of the demo's) for ``seed``, with ``n_train``
     training examples."""
     if name in VARIANTS:
-        base, options = VARIANTS[name]
-        return TASKS[base](torch.Generator().manual_seed(10_000 + seed), n_train, 20000, **options)
+        base, strength = VARIANTS[name]
+        return make_demo_task(base, seed, n_train=n_train, **strength)
     if name not in CHECK_TASKS:
         return make_demo_task(name, seed, n_train=n_train)
     task = CHECK_TASKS[name](seed, n_train=n_train)

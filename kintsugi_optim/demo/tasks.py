@@ -101,6 +101,9 @@ TASKS: dict[str, Callable[..., Task]] = {"rare": _rare_event, "spurious": _spuri
                                          "hidden": _hidden}
 
 
-def make_task(name: str, seed: int, *, n_train: int = 8000, n_test: int = 20000) -> Task:
-    """Generate task ``name`` ("rare" or "spurious") deterministically from ``seed``."""
-    return TASKS[name](torch.Generator().manual_seed(10_000 + seed), n_train, n_test)
+def make_task(name: str, seed: int, *, n_train: int = 8000, n_test: int = 20000,
+              **strength) -> Task:
+    """Generate task ``name`` ("rare", "spurious" or "hidden") deterministically from ``seed``;
+    ``strength`` overrides its imbalance (``prevalence``, ``agreement``, ``classes``,
+    ``typical``)."""
+    return TASKS[name](torch.Generator().manual_seed(10_000 + seed), n_train, n_test, **strength)
