@@ -273,15 +273,18 @@ def firing_run(task, seed: int, fractions: list[float], refires: list[Config], l
     order = torch.Generator().manual_seed(seed)
     cracks = {(c.fracture, c.accumulate): torch.zeros(N) for c in refires
               if c.fracture != "snapshot"}
+    snapshot = any(c.fracture == "snapshot" for c in refires)
     visits, snapshots = 0, {}
     last = max(fractions)
     for step in range(int(last * STEPS) + 1):
         for f in fractions:
             if step == int(f * STEPS):
                 errors = (models.predict(x)[0] != y).float()
-                with torch.no_grad():  # the snapshot's verdict p_y < 1/2 on every example
-                    cracked = (F.cross_entropy(models(x.unsqueeze(0))[0], y, reduction="none")
-                               > LN2).float()
+                cracked = None
+                if snapshot:  # the snapshot's verdict p_y < 1/2 on every example
+                    with torch.no_grad():
+                        cracked = (F.cross_entropy(models(x.unsqueeze(0))[0], y,
+                                                   reduction="none") > LN2).float()
                 snapshots[f] = {"errors": errors, "cracked": cracked, "visits": visits,
                                 "cracks": {k: v.clone() for k, v in cracks.items()}}
         if step == int(last * STEPS):
