@@ -133,11 +133,9 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     if cfg.accumulate == "mean1":
         visits = max(visits - N, 0)
     e = crack / max(visits / N, 1e-12) if cfg.accumulate.startswith("mean") else crack
-    if cfg.accumulate == "last2":  # wrong at each of the last two visits
+    if cfg.accumulate in ("last2", "last2n"):  # wrong at each of the last two visits
         e = (crack >= 2).float()
-    if cfg.accumulate == "last2n":  # the same, with λ set by the errors at the last visit
-        e = (crack >= 2).float()
-        if cfg.upweight == "balanced":
+        if cfg.accumulate == "last2n" and cfg.upweight == "balanced":  # λ from the last visit
             phi = 1 + min(N / max(float((crack >= 1).sum()), 1e-12), 1e3) * e
             return phi * (N / phi.sum())
     if cfg.persist == "square":  # persistent errors count more than occasional ones
