@@ -37,10 +37,8 @@ def run_build(tmp_path, script, *, stale_lock=False):
         from torch.utils import cpp_extension
         import kintsugi_optim
         import kintsugi_optim._kernels.fused_cpu as fused
-        capability = torch.backends.cpu.get_cpu_capability()
-        capability = capability if capability in fused._ISA_FLAGS else "DEFAULT"
         directory = cpp_extension._get_build_directory(
-            "kintsugi_fused_cpu_" + capability.lower(), verbose=False)
+            fused.extension_name("kintsugi_fused_cpu"), verbose=False)
     """)
     if stale_lock:
         prelude += "open(directory + '/lock', 'w').close()  # a build killed half-way\n"
@@ -143,3 +141,13 @@ def test_build_command_finds_the_cached_kernel():
     assert result.stdout.startswith("fused CPU kernel found in the cache in ")
     assert result.stdout.strip().endswith(str(library))
     assert library.stat().st_mtime == built  # loaded, not built again
+
+
+def test_each_copy_of_the_package_builds_its_own_kernel(monkeypatch, tmp_path):
+    # torch's build arguments hold csrc's absolute path: two checkouts sharing one extensions
+    # cache under one name would rebuild the kernel over each other on every first use
+    here = fused.extension_name("kintsugi_fused_cpu")
+    assert here.startswith("kintsugi_fused_cpu_")
+    assert fused.extension_name("kintsugi_fused_cpu") == here  # stable within a copy
+    monkeypatch.setattr(fused, "_CSRC", tmp_path / "csrc")
+    assert fused.extension_name("kintsugi_fused_cpu") != here

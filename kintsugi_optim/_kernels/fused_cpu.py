@@ -23,6 +23,7 @@ set, nothing changes — θ, ϕ, moments, step counts — without a host sync.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -88,9 +89,27 @@ def _build_lock(directory: Path, timeout: float):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _capability() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    # "DEFAULT": at::vec's portable implementation (also NEON on arm64)
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+def extension_name(name: str) -> str:
+    """``<name>_<capability>_<checkout>``: the name, and so the build directory, of this
+    package copy's build of extension ``name``.
+
+    torch's build arguments hold the absolute path of ``csrc``, so two copies of the package
+    (two clones, two virtual environments) sharing one extensions cache would each rebuild the
+    kernel over the other's on every first use; a digest of that path keeps one build per copy.
+    """
+    checkout = hashlib.sha256(str(_CSRC.resolve()).encode()).hexdigest()[:8]
+    return f"{name}_{_capability().lower()}_{checkout}"
+
+
 def _build(name: str, source: Path, *, timeout: float | None = None) -> None:
     """Build (or load from the torch extensions cache) the C++ source ``source``, which includes
-    csrc/sculpt_math.h, as the extension ``<name>_<capability>``, with the flags torch's own
+    csrc/sculpt_math.h, as the extension ``extension_name(name)``, with the flags torch's own
     kernels get for this CPU.
 
     Raises whatever the build raises (``RuntimeError``, ``OSError``,
@@ -100,10 +119,8 @@ def _build(name: str, source: Path, *, timeout: float | None = None) -> None:
     """
     from torch.utils import cpp_extension
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in _ISA_FLAGS:
-        capability = "DEFAULT"  # at::vec's portable implementation (also NEON on arm64)
-    full_name = f"{name}_{capability.lower()}"
+    capability = _capability()
+    full_name = extension_name(name)
     directory = Path(cpp_extension._get_build_directory(full_name, verbose=False))
     with _build_lock(directory, _BUILD_WAIT_S if timeout is None else timeout):
         # Every build of this extension from this package holds the flock, so a lock file
