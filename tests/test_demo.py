@@ -95,3 +95,26 @@ def test_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--tasks", "--seeds", "--steps", "--out", "--device", "--quick"):
         assert option in result.stdout
+
+
+def test_train_one_builds_every_pass_with_the_given_model():
+    # benchmarks/image_check.py runs the demo's rows on a CNN through model_fn: a two-pass
+    # method's firing run and its main run must both train that model, from the same init
+    from kintsugi_optim.demo import methods, study
+    from kintsugi_optim.demo.tasks import make_task
+
+    built, initial = [], []
+
+    def model_fn(features, classes):
+        built.append(torch.nn.Linear(features, classes))
+        initial.append(built[-1].weight.detach().clone())
+        return built[-1]
+
+    task = make_task("rare", 0, n_train=512, n_test=256)
+    method = next(m for m in methods.METHODS if m.name == "Kintsugi samples")
+    metrics, _ = study.train_one(task, method, seed=3, steps=8, device=torch.device("cpu"),
+                                 batch_size=64, model_fn=model_fn)
+    assert len(built) == 2 and built[0] is not built[1]
+    assert torch.equal(initial[0], initial[1])
+    assert not torch.equal(built[1].weight, initial[1])  # the main run trained it
+    assert 0.0 <= metrics["minority_recall"] <= 1.0

@@ -36,17 +36,22 @@ def evaluate(logits: torch.Tensor, task: Task) -> dict[str, float]:
 
 
 def train_one(task: Task, method: Method, seed: int, steps: int, device: torch.device,
-              batch_size: int = 256) -> tuple[dict[str, float], Trainer]:
-    """Train a fresh model on ``task`` with ``method``; return test metrics and the trainer."""
+              batch_size: int = 256,
+              model_fn: Callable[[int, int], nn.Module] = make_model,
+              ) -> tuple[dict[str, float], Trainer]:
+    """Train a fresh model on ``task`` with ``method``; return test metrics and the trainer.
+
+    ``model_fn(features, classes)`` builds the model, ``features`` = ``task.train[0].shape[1]``
+    (default: the demo's MLP)."""
     x, y, g = (t.to(device) for t in task.train)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = make_model(task.train[0].shape[1], task.num_classes).to(device)
+    model = model_fn(task.train[0].shape[1], task.num_classes).to(device)
     trainer = method.build(model, task)
     if trainer.firing_steps is not None:  # the firing run; then a fresh model, same init
         _train_steps(trainer, x, y, g, seed, trainer.firing_steps(steps, batch_size), batch_size)
         torch.manual_seed(seed)
-        model = make_model(task.train[0].shape[1], task.num_classes).to(device)
+        model = model_fn(task.train[0].shape[1], task.num_classes).to(device)
         trainer = trainer.second_pass(model)
     _train_steps(trainer, x, y, g, seed, steps, batch_size)
     with torch.no_grad():
