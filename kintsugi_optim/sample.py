@@ -13,11 +13,11 @@ Two ways to use the memory, both here:
   last visit; :meth:`SampleGildedLoss.refire` turns that record into fixed weights; training
   then starts again from a fresh model. This is JTT's idea (Liu et al., 2021) in Kintsugi's
   terms, with the errors read on the fly from the firing run's own forward passes (no extra pass
-  over the data), and the up-weight chosen so the cracked examples weigh as much as the rest
-  ("balanced") instead of tuned per data set. The firing run trains on the generalised
-  cross-entropy (Zhang & Sabuncu, 2018), as Learning from Failure's biased model does (Nam et
-  al., 2020): it fits what the model finds easy and leaves the exceptions to the easy rule
-  wrong, so they are what the record finds.
+  over the data), and the up-weight chosen so the cracked examples together weigh as much as
+  the uncracked ones ("even") instead of tuned per data set. The firing run trains on the
+  generalised cross-entropy (Zhang & Sabuncu, 2018), as Learning from Failure's biased model
+  does (Nam et al., 2020): it fits what the model finds easy and leaves the exceptions to the
+  easy rule wrong, so they are what the record finds.
 * **one pass** (``firing_fraction=None``): ϕ keeps rising during the one run, additively or
   multiplicatively, with damping, a cap and a warm-up.
 """
@@ -41,11 +41,12 @@ __all__ = ["SampleGildedLoss", "SampleGilder", "sample_gilding", "with_indices",
 
 FRACTURES = ("error", "relative", "loss")
 FIRING_LOSSES = ("gce", "mean")
+UPWEIGHTS = ("even", "balanced")
 ACCUMULATE = ("mean", "last")
 REDUCTIONS = ("dataset", "batch")
 LN2 = math.log(2.0)
 GCE_Q = 0.7  # generalised cross-entropy's q, as Learning from Failure's biased model uses it
-MAX_UPWEIGHT = 1e3  # "balanced" on a handful of cracked examples would hand them everything
+MAX_UPWEIGHT = 1e3  # a handful of cracked examples would otherwise take the whole loss
 
 
 def _is_count(value: Any) -> bool:
@@ -90,12 +91,22 @@ class SampleGildedLoss(nn.Module):
     E = ⌈N / B⌉ steps to an epoch: at least one epoch, so that every example has a verdict
     when the main run is short in epochs, and no longer than the record (a loop that runs
     f·T steps when that is longer gets the same ϕ: the later steps record nothing).
-    :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i with λ = balance·N / Σe
-    ("balanced", default: with ``balance`` = 1 the cracked examples together weigh as much as
-    all examples at weight 1; ``balance=0.5`` halves that, for noisy labels, whose errors the
-    record cannot tell from a minority's; λ capped at 1000) or a given λ, normalised to mean
-    1, and freezes it. Then train a fresh model for the full run with this criterion: each step
-    costs a gather of ϕ[indices] and a dot product.
+    :meth:`refire` turns the record e_i into ϕ_i = 1 + λ·e_i, with E = Σe,
+
+        "even" (default):  λ = max(balance·(N − E)/E − 1, 0)   the cracked examples together
+                           weigh ``balance`` times as much as the uncracked ones (1: as much)
+        "balanced":        λ = balance·N/E                      they weigh as much as all N
+                                                                examples at weight 1, more
+        a number:          that λ
+
+    (λ capped at 1000), normalised to mean 1, and freezes it. "Even" hands the cracked examples
+    half the loss whatever their share ε = E/N; "balanced" hands them (1 + ε)/2, more the more
+    examples crack, which is backwards: a large share is a sign that the record holds noise or
+    examples not yet learnt rather than a minority. "Even" needs the 0/1 record
+    (``fracture="error"``); ``balance=0.5`` halves the cracked examples' weight, for noisy
+    labels, whose errors the record cannot tell from a minority's. Then train a fresh model
+    for the full run with this criterion: each step costs a gather of ϕ[indices] and a dot
+    product.
 
     **One pass** (``firing_fraction=None``): ϕ is gilded at every step (after ``warmup``
     epochs' worth of examples, default 1): u = β·l·max(0, 1 − γϕ); ϕ ← ϕ + u ("additive") or
@@ -110,7 +121,7 @@ class SampleGildedLoss(nn.Module):
         *,
         fracture: str = "error",
         firing_fraction: float | None = 0.25,
-        upweight: float | str = "balanced",
+        upweight: float | str = "even",
         accumulate: str = "last",
         reduction: str = "dataset",
         warmup: float = 1.0,
@@ -127,7 +138,13 @@ class SampleGildedLoss(nn.Module):
                                             and not isinstance(firing_fraction, bool)
                                             and 0 < firing_fraction < 1),
                 "firing_fraction", firing_fraction, "must be None or a number in (0, 1)")
-        if upweight != "balanced":
+        if isinstance(upweight, str):
+            require_choice("upweight", upweight, UPWEIGHTS)
+            require(upweight != "even" or fracture == "error" or firing_fraction is None,
+                    "upweight", upweight,
+                    f"'even' needs the 0/1 record fracture='error' (got fracture={fracture!r}); "
+                    "pass upweight='balanced' or a number")
+        else:
             require_nonnegative("upweight", upweight)
         require(require_nonnegative("balance", balance) > 0, "balance", balance,
                 "must be a finite number > 0")
@@ -248,8 +265,13 @@ class SampleGildedLoss(nn.Module):
             if self.accumulate == "mean":  # sum over visits → mean per visit
                 crack /= max(self.recorded, 1) / self.num_samples
             total = float(crack.sum())
-            if self.upweight == "balanced":
-                lam = self.balance * self.num_samples / total if total > 0 else 0.0
+            N = self.num_samples
+            if total <= 0:
+                lam = 0.0
+            elif self.upweight == "even":
+                lam = max(self.balance * (N - total) / total - 1, 0.0)
+            elif self.upweight == "balanced":
+                lam = self.balance * N / total
             else:
                 lam = float(self.upweight)
             phi = crack.mul_(min(lam, MAX_UPWEIGHT)).add_(1)
@@ -435,7 +457,7 @@ def sample_gilding(
     The defaults are the study's choice (docs/sample-gilding.md) and need no per-task tuning:
     re-fire with a firing run of a quarter of the training steps (but at least one epoch and at
     most four), trained on the generalised cross-entropy, each example's error at its last visit,
-    and the balanced up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
+    and the even up-weight. ``criterion.firing_fraction`` tells a training loop which protocol
     to follow, ``criterion.firing_steps`` how long the firing run needs to be::
 
         criterion, gilder = sample_gilding(len(train_set))

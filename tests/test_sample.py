@@ -59,7 +59,9 @@ def test_returns_the_pair_and_phi_is_4_bytes_per_example_outside_any_parameters(
 def test_firing_run_trains_on_its_loss_and_refire_follows_the_formula(kind, accumulate,
                                                                       firing_loss):
     N, q = 12, 0.7
-    criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate,
+    # the default up-weight, "even", needs the 0/1 record; a continuous fracture takes "balanced"
+    upweight = "even" if kind == "error" else "balanced"
+    criterion, gilder = sample_gilding(N, fracture=kind, accumulate=accumulate, upweight=upweight,
                                        **({} if firing_loss == "gce" else {"firing_loss": "mean"}))
     assert criterion.firing_fraction == 0.25 and criterion.firing
     crack, visits, recorded = np.zeros(N), 0, 0
@@ -81,7 +83,13 @@ def test_firing_run_trains_on_its_loss_and_refire_follows_the_formula(kind, accu
         visits += len(idx)
     if accumulate == "mean":
         crack = crack / (recorded / N)
-    phi = 1 + N / crack.sum() * crack  # balanced: the cracked weigh as much as the rest
+    E = crack.sum()
+    if upweight == "even":  # the cracked weigh as much as the uncracked: E·(1 + λ) = N − E
+        phi = 1 + max((N - E) / E - 1, 0) * crack
+        if accumulate == "last" and E < N / 2:  # a 0/1 record: two groups of equal weight
+            np.testing.assert_allclose((phi * crack).sum(), (phi * (1 - crack)).sum())
+    else:  # balanced: the cracked weigh as much as all N at weight 1
+        phi = 1 + N / E * crack
     phi *= N / phi.sum()
     criterion.refire()
     assert not criterion.firing
@@ -114,12 +122,22 @@ def test_refire_with_a_fixed_upweight_and_without_cracks():
     assert torch.equal(early.phi, torch.ones(4))
     last, gilder = sample_gilding(4)  # the default keeps the last visit, warm-up or not
     feed(last, gilder, np.array([5.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
-    last.refire()
-    np.testing.assert_allclose(last.phi.numpy(), np.array([5.0, 1, 1, 1]) * 4 / 8, rtol=1e-6)
-    half, gilder = sample_gilding(4, balance=0.5)  # λ = 0.5·N/Σe: the cracked weigh half
-    feed(half, gilder, np.array([5.0, 5.0, 0.1, 0.1], np.float32), np.arange(4))
+    last.refire()  # even: λ = (4 − 1)/1 − 1 = 2, the cracked one weighs as much as the three
+    np.testing.assert_allclose(last.phi.numpy(), np.array([3.0, 1, 1, 1]) * 4 / 6, rtol=1e-6)
+    half, gilder = sample_gilding(4, balance=0.5)  # λ = 0.5·3/1 − 1: the cracked weigh half
+    feed(half, gilder, np.array([5.0, 0.1, 0.1, 0.1], np.float32), np.arange(4))
     half.refire()
-    np.testing.assert_allclose(half.phi.numpy(), np.array([2.0, 2.0, 1, 1]) * 4 / 6, rtol=1e-6)
+    np.testing.assert_allclose(half.phi.numpy(), np.array([1.5, 1, 1, 1]) * 4 / 4.5, rtol=1e-6)
+    # half the examples cracked: they already weigh as much as the rest, "even" adds nothing
+    common, gilder = sample_gilding(4)
+    feed(common, gilder, np.array([5.0, 5.0, 0.1, 0.1], np.float32), np.arange(4))
+    common.refire()
+    assert torch.equal(common.phi, torch.ones(4))
+    balanced, gilder = sample_gilding(4, upweight="balanced")  # λ = N/Σe = 2
+    feed(balanced, gilder, np.array([5.0, 5.0, 0.1, 0.1], np.float32), np.arange(4))
+    balanced.refire()
+    np.testing.assert_allclose(balanced.phi.numpy(), np.array([3.0, 3.0, 1, 1]) * 4 / 8,
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("ascent", ["additive", "multiplicative"])
@@ -224,6 +242,8 @@ def test_bad_indices_after_refire_raise_naming_them(indices, match):
     (dict(num_samples=2.0), r"Invalid num_samples: 2.0"),
     (dict(num_samples=4, firing_fraction=1.0), r"Invalid firing_fraction: 1.0"),
     (dict(num_samples=4, upweight=-1.0), r"Invalid upweight: -1.0"),
+    (dict(num_samples=4, upweight="most"), r"Invalid upweight: 'most'"),
+    (dict(num_samples=4, fracture="relative"), r"Invalid upweight: 'even' .*fracture='error'"),
     (dict(num_samples=4, fracture="grad"), r"Invalid fracture: 'grad'"),
     (dict(num_samples=4, accumulate="max"), r"Invalid accumulate: 'max'"),
     (dict(num_samples=4, firing_loss="ce"), r"Invalid firing_loss: 'ce'"),
@@ -263,7 +283,8 @@ def test_firing_steps_and_the_record_window(accumulate):
     record = list(batches(N, 12, B=B, seed=3))
     phis = []
     for steps in (criterion.firing_steps(400, B), len(record)):
-        criterion, gilder = sample_gilding(N, firing_epochs=3.0, accumulate=accumulate)
+        criterion, gilder = sample_gilding(N, firing_epochs=3.0, accumulate=accumulate,
+                                           upweight="balanced")
         for losses, idx in record[:steps]:
             feed(criterion, gilder, losses, idx)
         if accumulate == "mean":
@@ -278,7 +299,7 @@ def test_firing_steps_and_the_record_window(accumulate):
     else:
         for losses, idx in record[:6]:  # visits 0-35, the last one wins
             crack[idx] = fracture(losses, "error")
-    expected = 1 + N / crack.sum() * crack
+    expected = 1 + N / crack.sum() * crack  # balanced (half the examples crack: even adds 0)
     np.testing.assert_allclose(phis[0].numpy(), expected * N / expected.sum(), rtol=1e-5)
     assert torch.equal(phis[0], phis[1])
 
@@ -300,7 +321,8 @@ def test_huge_finite_losses_are_accepted():
 def test_property_phi_stays_finite_and_positive(seed, ascent, kind, firing, phi_max, scale):
     N = 6
     criterion, gilder = sample_gilding(N, firing_fraction=firing, fracture=kind, ascent=ascent,
-                                       beta=2.0, phi_max=phi_max, warmup=0.0)
+                                       beta=2.0, phi_max=phi_max, warmup=0.0,
+                                       upweight="even" if kind == "error" else "balanced")
     for losses, idx in batches(N, 5, B=4, seed=seed):
         feed(criterion, gilder, (losses * np.float32(scale)).astype(np.float32), idx)
         assert bool(criterion.phi.isfinite().all() & (criterion.phi > 0).all())

@@ -16,9 +16,11 @@ from kintsugi_optim import sample_gilding
 pytestmark = pytest.mark.distributed
 
 N, STEPS, GLOBAL_BATCH = 24, 5, 16
+# "balanced": with an untrained model most examples crack, and "even" would leave ϕ at 1;
+# the exchange under test is the record's, the same for every up-weight
 MODES = {
-    "re-fire": dict(accumulate="mean"),
-    "re-fire last": dict(accumulate="last"),
+    "re-fire": dict(accumulate="mean", upweight="balanced"),
+    "re-fire last": dict(accumulate="last", upweight="balanced"),
     "one pass": dict(firing_fraction=None, fracture="relative", beta=0.5, warmup=0.0,
                      ascent="multiplicative", gamma=0.1),
 }
@@ -67,7 +69,7 @@ def ddp_job(mode):
 def uneven_job():
     """Ranks record 5 and 3 examples per step (a last, short batch) and no model at all."""
     rank = dist.get_rank()
-    criterion, gilder = sample_gilding(N, accumulate="mean", fracture="loss")
+    criterion, gilder = sample_gilding(N, accumulate="mean", fracture="loss", upweight="balanced")
     for step in range(STEPS):
         idx = global_batch(step, 8)
         losses = torch.linspace(0.1, 2.0, 8) * (step + 1)
@@ -90,7 +92,7 @@ def test_ddp_ranks_hold_the_single_process_phi(pool, mode):
 
 def test_uneven_batches_exchange_to_the_global_batch(pool):
     ranks = pool.run(uneven_job)
-    criterion, gilder = sample_gilding(N, accumulate="mean", fracture="loss")
+    criterion, gilder = sample_gilding(N, accumulate="mean", fracture="loss", upweight="balanced")
     for step in range(STEPS):
         losses = torch.linspace(0.1, 2.0, 8) * (step + 1)
         criterion(losses.requires_grad_(), global_batch(step, 8))
