@@ -145,6 +145,8 @@ def refire_weights(cfg: Config, crack: torch.Tensor, visits: float, N: int) -> t
     if str(cfg.upweight).startswith("balanced"):  # "balanced×2": twice the balanced λ
         scale = float(cfg.upweight.split("×")[1]) if "×" in cfg.upweight else 1.0
         lam = scale * N / max(float(e.sum()), 1e-12)
+    elif cfg.upweight == "even":  # cracked and uncracked examples weigh the same in all
+        lam = max((N - float(e.sum())) / max(float(e.sum()), 1e-12) - 1, 0.0)
     else:
         lam = float(cfg.upweight)
     lam = min(lam, 1e3)
@@ -412,8 +414,9 @@ def firing_grid(epochs) -> list[Config]:
     epoch = math.ceil(N_TRAIN / BATCH) / STEPS  # one epoch as a fraction of the main run
     for rule, f in (("0.25·T ≤ 4 epochs", min(0.25, 4 * epoch)),  # the third round's default
                     ("0.25·T in [1, 4] epochs", min(max(0.25, min(epoch, 1.0)), 4 * epoch))):
-        out.append(Config(f"re-fire {rule}, gce error last λ=balanced", "refire",
-                          accumulate="last", firing=f, firing_loss="gce"))
+        for lam in ("balanced", "even"):
+            out.append(Config(f"re-fire {rule}, gce error last λ={lam}", "refire",
+                              accumulate="last", firing=f, firing_loss="gce", upweight=lam))
         out.append(Config(f"JTT {rule}, gce λ=50", "jtt", firing=f, upweight=50,
                           firing_loss="gce"))
     return out

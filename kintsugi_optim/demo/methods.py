@@ -173,10 +173,11 @@ def _jtt(model, task):
     return first
 
 
-def _sample_gilding(model, task):
-    # Label-free Kintsugi with the package's defaults: two passes when criterion.firing_fraction
-    # is set, the firing run as long as criterion.firing_steps says.
-    criterion, gilder = sample_gilding(task.train[0].shape[0])
+def _sample_gilding(model, task, **options):
+    # Label-free Kintsugi with the package's defaults (``options`` change them, for studies):
+    # two passes when criterion.firing_fraction is set, the firing run as long as
+    # criterion.firing_steps says.
+    criterion, gilder = sample_gilding(task.train[0].shape[0], **options)
     criterion.to(next(model.parameters()).device)
 
     def trainer_for(net):
