@@ -96,7 +96,7 @@ class SampleGildedLoss(nn.Module):
         "even" (default):  λ = max(balance·(N − E)/E − 1, 0)   the cracked examples together
                            weigh ``balance`` times as much as the uncracked ones (1: as much)
         "balanced":        λ = balance·N/E                      they weigh as much as all N
-                                                                examples at weight 1, more
+                                                                examples at weight 1
         a number:          that λ
 
     (λ capped at 1000), normalised to mean 1, and freezes it. "Even" hands the cracked examples
