@@ -12,8 +12,8 @@ on 16×16 colour images made in-process, with two tasks built after the default 
 * ``blob``: a rare class (2 %) whose images hold a faint blob at a random place; half of all
   images hold a brighter ring (a distractor). Target: the rare class's recall.
 
-``--strength`` changes a task's keywords: ``agreement``, ``contrast``, ``tint`` (stripes),
-``prevalence``, ``amplitude`` (blob).
+``--strength`` changes a task's keywords: ``agreement``, ``contrast``, ``tint``, ``noise`` (the
+share of training labels flipped) (stripes), ``prevalence``, ``amplitude`` (blob).
 
     PYTHONPATH=. python benchmarks/image_check.py --seeds 5 --tasks stripes
 """
@@ -56,7 +56,7 @@ def make_cnn(in_channels: int, num_classes: int) -> nn.Module:
 
 
 def _stripes(seed: int, n_train: int, n_test: int, *, agreement: float = 0.95,
-             contrast: float = 0.2, tint: float = 0.5) -> Task:
+             contrast: float = 0.2, tint: float = 0.5, noise: float = 0.0) -> Task:
     gen = torch.Generator().manual_seed(40_000 + seed)
     coords = torch.arange(SIZE, dtype=torch.float32)
 
@@ -74,8 +74,11 @@ def _stripes(seed: int, n_train: int, n_test: int, *, agreement: float = 0.95,
         x[:, 1] -= shift
         return x, y, 2 * y + a
 
+    (x, y, groups), test = sample(n_train, agreement), sample(n_test, 0.5)
+    # wrong training labels (drawn last, so noise=0 leaves the task as it was); groups stay true
+    flip = torch.rand(n_train, generator=gen) < noise
     return Task("stripes", f"Stripes' orientation against a colour tint ({100 * agreement:g} %)",
-                sample(n_train, agreement), sample(n_test, 0.5), num_classes=2, num_groups=4,
+                (x, torch.where(flip, 1 - y, y), groups), test, num_classes=2, num_groups=4,
                 group_names=["y0·a0", "y0·a1", "y1·a0", "y1·a1"])
 
 
