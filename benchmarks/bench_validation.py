@@ -13,7 +13,6 @@ without it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
