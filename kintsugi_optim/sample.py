@@ -260,12 +260,12 @@ class SampleGildedLoss(nn.Module):
             warnings.warn(f"refire(): the firing run saw {self.visits} examples, less than one "
                           f"epoch of {self.num_samples}: the examples it never visited count "
                           f"as uncracked (run criterion.firing_steps(T, batch_size) steps)")
+        N = self.num_samples
         with torch.no_grad():
             crack = self.phi.double().clamp(max=torch.finfo(self.phi.dtype).max) - 1
             if self.accumulate == "mean":  # sum over visits → mean per visit
-                crack /= max(self.recorded, 1) / self.num_samples
+                crack /= max(self.recorded, 1) / N
             total = float(crack.sum())
-            N = self.num_samples
             if total <= 0:
                 lam = 0.0
             elif self.upweight == "even":
@@ -275,7 +275,7 @@ class SampleGildedLoss(nn.Module):
             else:
                 lam = float(self.upweight)
             phi = crack.mul_(min(lam, MAX_UPWEIGHT)).add_(1)
-            self.phi.copy_(phi.mul_(self.num_samples / phi.sum()))
+            self.phi.copy_(phi.mul_(N / phi.sum()))
         self.fired = True
 
     def _check(self, losses: Tensor, indices: Tensor, *, check_range: bool = True) -> None:
